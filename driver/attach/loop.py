@@ -1,0 +1,49 @@
+"""Loop devices over files: the local attach, and the last step of the user-space network attach.
+
+Loop devices are found again by their backing file (losetup's own table), so attach and
+detach are safe to repeat and a restarted plugin re-adopts the devices it made before.
+"""
+
+import json
+import os
+
+from .. import command
+
+
+def _loops() -> list[dict]:
+    listing = command.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"])
+    if not listing.stdout.strip():
+        return []
+    return json.loads(listing.stdout).get("loopdevices", [])
+
+
+def find(backing_file: str) -> list[str]:
+    """Loop devices currently backed by `backing_file` (normally zero or one)."""
+    wanted = os.path.realpath(backing_file)
+    return [loop["name"] for loop in _loops()
+            if (loop.get("back-file") or "").removesuffix(" (deleted)") == wanted]
+
+
+def ensure_attached(backing_file: str) -> str:
+    """The loop device for `backing_file`, creating one with direct I/O if there is none.
+
+    Direct I/O stops the page cache from holding every block twice (once for the
+    filesystem on top, once for the backing file) and makes fsync reach the backing store.
+    """
+    existing = find(backing_file)
+    if existing:
+        return existing[0]
+    made = command.run(["losetup", "--find", "--show", "--direct-io=on",
+                        os.path.realpath(backing_file)])
+    return made.stdout.strip()
+
+
+def ensure_detached(backing_file: str) -> None:
+    for device in find(backing_file):
+        # A device still mounted somewhere is only marked autoclear; it goes when the last user does.
+        command.run(["losetup", "--detach", device], ok_codes=(0, 1))
+
+
+def refresh_size(device: str) -> None:
+    """Make the loop device see a backing file that has grown."""
+    command.run(["losetup", "--set-capacity", device])

@@ -1,0 +1,184 @@
+"""The one interface every storage backend implements, and the records it trades in.
+
+The CSI services talk only to this interface: they validate requests, pick the backend
+by StorageClass `type` (create, capacity) or by the prefix of an id (everything else),
+and map the typed errors backends raise to gRPC codes. Backends know nothing of gRPC.
+"""
+
+import abc
+import re
+from dataclasses import dataclass, field
+
+from ..errors import InvalidArgument, OutOfRange
+
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_SIZE = 1 * GiB
+
+
+@dataclass
+class Volume:
+    volume_id: str
+    name: str
+    size_bytes: int
+    storage_class_type: str
+    parameters: dict
+    copies: float  # storage copies of every byte (1, 3, 1.5): the copy accounting starts here
+    topology: list[dict] = field(default_factory=list)  # accessible segments; empty = everywhere
+    source_snapshot_id: str = ""
+    source_volume_id: str = ""
+    context: dict = field(default_factory=dict)  # extra volume_context for the node
+
+
+@dataclass
+class Snapshot:
+    snapshot_id: str
+    name: str
+    source_volume_id: str
+    size_bytes: int
+    created_at: float  # seconds since the epoch
+    ready: bool = True
+
+
+@dataclass
+class Condition:
+    abnormal: bool
+    message: str
+
+
+HEALTHY = Condition(False, "healthy")
+
+
+@dataclass
+class CreateRequest:
+    name: str
+    size_bytes: int
+    parameters: dict
+    source_snapshot_id: str = ""
+    source_volume_id: str = ""
+    requisite_topology: list[dict] = field(default_factory=list)
+    preferred_topology: list[dict] = field(default_factory=list)
+    mutable_parameters: dict = field(default_factory=dict)
+    secrets: dict = field(default_factory=dict)  # never logged
+
+
+@dataclass
+class Attachment:
+    """A volume made into a block device on this node."""
+    device: str
+    method: str  # "loop", "nbd-kernel", "nbd-user", ...
+
+
+class Backend(abc.ABC):
+    """A kind of storage. One instance serves all volumes whose ids start with `id_prefix`."""
+
+    #: the StorageClass `type` values this backend serves
+    types: tuple[str, ...] = ()
+    #: volume ids look like "<id_prefix>-<rest>", snapshot ids "<id_prefix>-snap-<rest>"
+    id_prefix: str = ""
+
+    # --- controller side ---
+    @abc.abstractmethod
+    def check_parameters(self, parameters: dict) -> dict:
+        """Validate StorageClass parameters; return them normalised. Raise InvalidArgument."""
+
+    @abc.abstractmethod
+    def create_volume(self, request: CreateRequest) -> Volume:
+        """Create (or find, for the same name and size) a volume. Idempotent."""
+
+    @abc.abstractmethod
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume; succeed if it is already gone."""
+
+    @abc.abstractmethod
+    def get_volume(self, volume_id: str) -> Volume:
+        """The volume, or NotFound."""
+
+    @abc.abstractmethod
+    def lookup_name(self, name: str) -> Volume | None:
+        """The volume created under this request name, if any (inline volumes are found so)."""
+
+    @abc.abstractmethod
+    def list_volumes(self) -> list[Volume]:
+        """Every volume, in a stable order (ids sorted) so list tokens stay meaningful."""
+
+    @abc.abstractmethod
+    def expand_volume(self, volume_id: str, size_bytes: int) -> int:
+        """Grow the volume to at least `size_bytes`; return the new size. Never shrinks."""
+
+    @abc.abstractmethod
+    def capacity(self, parameters: dict, segment: dict | None) -> int:
+        """Bytes a new volume of this class could still get in `segment` (None: anywhere)."""
+
+    @abc.abstractmethod
+    def create_snapshot(self, source_volume_id: str, name: str, parameters: dict) -> Snapshot:
+        """Snapshot a volume; idempotent for the same name and source."""
+
+    @abc.abstractmethod
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot; succeed if it is already gone."""
+
+    @abc.abstractmethod
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        """The snapshot, or NotFound."""
+
+    @abc.abstractmethod
+    def list_snapshots(self) -> list[Snapshot]:
+        """Every snapshot, ids sorted."""
+
+    @abc.abstractmethod
+    def condition(self, volume_id: str) -> Condition:
+        """Whether the volume's data is reachable and intact, from where this plugin runs."""
+
+    # --- node side ---
+    @abc.abstractmethod
+    def attach(self, volume_id: str, context: dict) -> Attachment:
+        """Make the volume a block device on this node, or return the one already made."""
+
+    @abc.abstractmethod
+    def find_attachment(self, volume_id: str) -> Attachment | None:
+        """The existing block device of an attached volume, without attaching it."""
+
+    @abc.abstractmethod
+    def detach(self, volume_id: str) -> None:
+        """Undo attach; succeed when nothing is attached."""
+
+    @abc.abstractmethod
+    def node_expand(self, volume_id: str, size_bytes: int) -> None:
+        """Make the attached block device show the volume's new size."""
+
+    # --- helpers shared by the backends ---
+    def owns(self, object_id: str) -> bool:
+        return object_id.startswith(self.id_prefix + "-")
+
+
+def choose_size(required: int, limit: int, minimum: int, granularity: int = MiB) -> int:
+    """The size to allocate for a CSI capacity range: at least `required` and the class minimum,
+    rounded up to `granularity` when the limit leaves room, never above `limit`."""
+    if required < 0 or limit < 0:
+        raise OutOfRange("capacity_range bytes cannot be negative")
+    if limit and required > limit:
+        raise OutOfRange(f"required_bytes {required} is larger than limit_bytes {limit}")
+    if limit and limit < minimum:
+        raise OutOfRange(f"limit_bytes {limit} is below this class's minimum volume size {minimum}")
+    wanted = max(required or (min(DEFAULT_SIZE, limit) if limit else DEFAULT_SIZE), minimum)
+    for step in (granularity, 4096, 512):
+        size = -(-wanted // step) * step
+        if not limit or size <= limit:
+            return size
+    raise OutOfRange(f"no size that is a multiple of 512 bytes fits between {required} and {limit}")
+
+
+_SAFE_PARAMETER_VALUE = re.compile(r"^[A-Za-z0-9._:/=,@+-]*$")
+
+
+def check_known_keys(parameters: dict, known: set[str], class_type: str) -> None:
+    """Reject unknown StorageClass parameter keys: a typo must not silently change nothing."""
+    unknown = sorted(k for k in parameters
+                     if k not in known and not k.startswith("csi.storage.k8s.io/"))
+    if unknown:
+        raise InvalidArgument(f"unknown parameter(s) {', '.join(unknown)} for type {class_type}; "
+                              f"known: {', '.join(sorted(known))}")
+    for key, value in parameters.items():
+        if not _SAFE_PARAMETER_VALUE.match(value):
+            raise InvalidArgument(f"parameter {key} has characters polyvol does not accept: {value!r}")

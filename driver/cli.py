@@ -1,0 +1,73 @@
+"""The `polyvol` command: the CSI plugin, and a client for humans to drive any CSI endpoint."""
+
+import argparse
+import os
+import socket
+import sys
+
+from . import __version__, log
+from .errors import PolyvolError
+from .units import parse_size
+
+DEFAULT_ENDPOINT = "unix:///run/polyvol/csi.sock"
+DEFAULT_STATE_DIR = "/var/lib/polyvol"
+DEFAULT_PUBLISH_ROOT = "/var/lib/kubelet"
+
+
+def _plugin_parser(commands) -> None:
+    plugin = commands.add_parser("plugin", help="serve the CSI Identity, Controller and Node services")
+    plugin.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/csi.sock")
+    plugin.add_argument("--node-id", default=socket.gethostname(),
+                        help="this node's name (Kubernetes: the node name); default: hostname")
+    plugin.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="where local volumes and the plugin's records live")
+    plugin.add_argument("--role", choices=("controller", "node", "all"), default="all",
+                        help="which CSI services to serve")
+    plugin.add_argument("--default-type", default="",
+                        help="StorageClass type to use when a request names none "
+                             "(for CSI clients that send no parameters)")
+    plugin.add_argument("--publish-root", action="append", dest="publish_roots",
+                        help=f"a directory under which staging and target paths may lie; "
+                             f"repeatable (default {DEFAULT_PUBLISH_ROOT})")
+    plugin.add_argument("--max-volumes", type=int, default=256,
+                        help="volumes this node can attach (reported in NodeGetInfo)")
+    plugin.add_argument("--local-reserve", type=parse_size, default=0,
+                        help="space on the state directory's filesystem that local volumes "
+                             "must leave free, e.g. 10Gi")
+    plugin.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    plugin.set_defaults(run=_run_plugin)
+
+
+def _run_plugin(args) -> int:
+    from . import plugin
+
+    log.setup(args.log_level)
+    plugin.serve(endpoint=args.endpoint, node_id=args.node_id, state_dir=args.state_dir,
+                 role=args.role, default_type=args.default_type,
+                 publish_roots=args.publish_roots or [DEFAULT_PUBLISH_ROOT],
+                 max_volumes=args.max_volumes, local_reserve_bytes=args.local_reserve)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import client
+
+    parser = argparse.ArgumentParser(prog="polyvol", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"polyvol {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _plugin_parser(commands)
+    client.add_parsers(commands, os.environ.get("POLYVOL_ENDPOINT", DEFAULT_ENDPOINT))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except PolyvolError as error:
+        print(f"polyvol: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The filesystem layer, shared by every backend: format, mount, bind, grow, stats.
+
+Every step is "make it so": it looks at what the kernel has (mountinfo, blkid) and only
+acts on the difference, so a retried or interrupted RPC converges on the same state.
+"""
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import command
+from .errors import FailedPrecondition, InvalidArgument
+
+SUPPORTED_FS = ("ext4", "xfs")
+# mkfs.xfs in Debian 12 refuses filesystems smaller than 300 MiB.
+MIN_FS_BYTES = {"ext4": 16 << 20, "xfs": 300 << 20}
+UMOUNT_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    device: str  # "major:minor"
+    root: str  # the path inside the source filesystem (bind mounts of a subdirectory)
+    target: str
+    options: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounts() -> list[Mount]:
+    result = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        result.append(Mount(int(fields[0]), fields[2], _unescape(fields[3]), _unescape(fields[4]),
+                            fields[5], tail[0], _unescape(tail[1]) if len(tail) > 1 else ""))
+    return result
+
+
+def mounts_at(target: str) -> list[Mount]:
+    target = os.path.normpath(target)
+    return [m for m in mounts() if m.target == target]
+
+
+def is_mounted(target: str) -> bool:
+    return bool(mounts_at(target))
+
+
+def device_number(device: str) -> str:
+    st = os.stat(device)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def mounts_of_device(device: str) -> list[Mount]:
+    number = device_number(device)
+    return [m for m in mounts() if m.device == number]
+
+
+def probe_fs(device: str) -> str | None:
+    """The filesystem type on a block device, or None when it is blank."""
+    found = command.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], ok_codes=(0, 2))
+    return found.stdout.strip() or None
+
+
+def ensure_formatted(device: str, fstype: str) -> None:
+    existing = probe_fs(device)
+    if existing == fstype:
+        return
+    if existing is not None:
+        raise FailedPrecondition(
+            f"{device} already holds a {existing} filesystem, not {fstype}: "
+            f"request fsType {existing} or use a new volume")
+    if fstype == "ext4":
+        # Lazy init keeps mkfs fast on large sparse volumes; the kernel finishes it in the background.
+        command.run(["mkfs.ext4", "-q", "-F", "-m", "0",
+                     "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", device])
+    elif fstype == "xfs":
+        command.run(["mkfs.xfs", "-q", "-f", "-K", device])
+    else:
+        raise InvalidArgument(f"fsType {fstype!r} is not supported; use one of {', '.join(SUPPORTED_FS)}")
+
+
+def ensure_mounted(device: str, target: str, fstype: str, flags=()) -> None:
+    """Mount `device` at the directory `target`, unless it already is."""
+    present = mounts_at(target)
+    if present:
+        if present[-1].device == device_number(device):
+            return
+        raise FailedPrecondition(f"{target} already has {present[-1].source} mounted on it")
+    os.makedirs(target, exist_ok=True)
+    options = ",".join(["defaults", *flags])
+    command.run(["mount", "-t", fstype, "-o", options, device, target])
+
+
+def ensure_bind(source: str, target: str, readonly: bool, flags=()) -> None:
+    """Bind-mount `source` (a directory or a device node) at `target`, creating the target."""
+    source_is_dir = os.path.isdir(source)
+    present = mounts_at(target)
+    if present:
+        if _is_bind_of(source, present[-1]):
+            return
+        raise FailedPrecondition(f"{target} already has {present[-1].source} mounted on it")
+    if source_is_dir:
+        os.makedirs(target, exist_ok=True)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).touch(exist_ok=True)
+    options = ["bind", *flags] + (["ro"] if readonly else [])
+    command.run(["mount", "-o", ",".join(options), source, target])
+
+
+def bind_targets(source: str) -> list[str]:
+    """Every path where `source` (a mounted directory or a device node) is bound."""
+    every = mounts()
+    return [m.target for m in every if _is_bind_of(source, m, every)]
+
+
+def _is_bind_of(source: str, mount: Mount, every: list[Mount] | None = None) -> bool:
+    if os.path.isdir(source):
+        source = os.path.normpath(source)
+        below = [m for m in (every or mounts()) if m.target == source]
+        return bool(below) and (below[-1].device, below[-1].root) == (mount.device, mount.root)
+    # A bound device node shows up as a mount of devtmpfs whose root is the node's path in /dev.
+    return mount.root == "/" + os.path.relpath(os.path.realpath(source), "/dev")
+
+
+def ensure_unmounted(target: str) -> None:
+    """Unmount everything stacked on `target` (bounded), leaving the path itself in place."""
+    for _ in range(UMOUNT_ATTEMPTS):
+        if not is_mounted(target):
+            return
+        command.run(["umount", target])
+    if is_mounted(target):
+        raise FailedPrecondition(f"{target} is still mounted after {UMOUNT_ATTEMPTS} unmounts")
+
+
+def ensure_path_absent(path: str) -> None:
+    """Remove an unmounted publish target: an empty directory or a plain file."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+
+
+def grow(device: str, mount_path: str, fstype: str) -> None:
+    """Grow a mounted filesystem to the size of its device (a no-op when it already fills it)."""
+    if fstype == "ext4":
+        command.run(["resize2fs", device])
+    elif fstype == "xfs":
+        command.run(["xfs_growfs", mount_path])
+
+
+@contextlib.contextmanager
+def frozen(mount_path: str | None):
+    """Hold writes on a mounted filesystem (fsfreeze) so a copy of its device is consistent."""
+    if mount_path is None:
+        yield
+        return
+    command.run(["fsfreeze", "--freeze", mount_path])
+    try:
+        yield
+    finally:
+        command.run(["fsfreeze", "--unfreeze", mount_path])
+
+
+@dataclass
+class Usage:
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int
+    used_inodes: int
+    available_inodes: int
+
+
+def usage(mount_path: str) -> Usage:
+    vfs = os.statvfs(mount_path)
+    total = vfs.f_blocks * vfs.f_frsize
+    available = vfs.f_bavail * vfs.f_frsize
+    used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+    return Usage(total, used, available, vfs.f_files, vfs.f_files - vfs.f_ffree, vfs.f_favail)
+
+
+def block_size_bytes(device: str) -> int:
+    with open(device, "rb") as dev:
+        return dev.seek(0, os.SEEK_END)
