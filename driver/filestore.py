@@ -1,0 +1,235 @@
+"""Sparse-file volumes and snapshots in a directory: the storage both file-based classes share.
+
+The local-ephemeral backend keeps its volumes in a FileStore on the node; a remote-disk
+storage server keeps its volumes in a FileStore and serves the data files over NBD.
+
+Layout under the store's root:
+    volumes/<volume-id>/meta.json    the record (schema-versioned, written atomically)
+    volumes/<volume-id>/disk.img     the sparse data file
+    snapshots/<snapshot-id>/...      the same for snapshots (a copy of a volume's file)
+    trash/                           directories renamed here to be deleted
+
+Ids are chosen by the caller and checked against the store's id patterns before they
+become paths, so nothing a client sends can name a file outside the store. Callers derive
+ids from request names, so a retried create (even after a crash half-way) lands on the same
+directory and finishes the job: a record in state "creating" is resumed, not duplicated.
+A directory is deleted by renaming it into trash/ first, so a crash in the middle of a
+delete leaves nothing that looks like a live volume; trash is emptied when the store opens.
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from . import command, state
+from .errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
+
+READY, CREATING = "ready", "creating"
+DISK = "disk.img"
+META = "meta.json"
+COPY_TIMEOUT = 3600.0
+
+
+class FileStore:
+    def __init__(self, root: Path, volume_id_pattern: str, snapshot_id_pattern: str,
+                 reserve_bytes: int = 0, what: str = "this host"):
+        self.root = Path(root)
+        self.volumes_dir = self.root / "volumes"
+        self.snapshots_dir = self.root / "snapshots"
+        self.trash_dir = self.root / "trash"
+        self._volume_id = re.compile(volume_id_pattern)
+        self._snapshot_id = re.compile(snapshot_id_pattern)
+        self.reserve_bytes = reserve_bytes
+        self.what = what  # for messages: "node node-a", "storage server s1"
+        for directory in (self.volumes_dir, self.snapshots_dir, self.trash_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._empty_trash()
+
+    # --- paths ---
+    def volume_dir(self, volume_id: str) -> Path:
+        if not self._volume_id.fullmatch(volume_id):
+            raise NotFound(f"volume {volume_id!r} does not exist on {self.what}")
+        return self.volumes_dir / volume_id
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        if not self._snapshot_id.fullmatch(snapshot_id):
+            raise NotFound(f"snapshot {snapshot_id!r} does not exist on {self.what}")
+        return self.snapshots_dir / snapshot_id
+
+    def data_path(self, volume_id: str) -> Path:
+        return self.volume_dir(volume_id) / DISK
+
+    # --- volumes ---
+    def create_volume(self, volume_id: str, name: str, size_bytes: int, *, source_snapshot_id: str = "",
+                      source_volume_id: str = "", attributes: dict, quiesce=None) -> dict:
+        """Create or resume the volume; return its record. `attributes` are stored with it and
+        must match on a retry (with size and source), else ALREADY_EXISTS. `quiesce(path)` is
+        a context manager held while a source file is copied (e.g. fsfreeze)."""
+        directory = self.volume_dir(volume_id)
+        record = state.read(directory / META)
+        if record is not None and record["state"] == READY:
+            if (record["size_bytes"], record["source_snapshot_id"], record["source_volume_id"]) \
+                    != (size_bytes, source_snapshot_id, source_volume_id) \
+                    or any(record.get(k) != v for k, v in attributes.items()):
+                raise AlreadyExists(
+                    f"a volume named {name!r} already exists with {record['size_bytes']} bytes "
+                    f"and other settings; use another name or repeat the original request")
+            return record
+        if source_snapshot_id:
+            source_record = self.read_snapshot(source_snapshot_id)
+            source = self.snapshot_dir(source_snapshot_id) / DISK
+        elif source_volume_id:
+            source_record = self.read_volume(source_volume_id)
+            source = self.volume_dir(source_volume_id) / DISK
+        else:
+            source_record, source = {"size_bytes": 0}, None
+        if size_bytes < source_record["size_bytes"]:
+            raise OutOfRange(f"the requested size {size_bytes} is smaller than the source "
+                             f"({source_record['size_bytes']} bytes); request at least that much")
+        if record is None:
+            self.check_room(size_bytes)
+            directory.mkdir(exist_ok=True)
+        record = {"volume_id": volume_id, "name": name, "size_bytes": size_bytes, "state": CREATING,
+                  "source_snapshot_id": source_snapshot_id, "source_volume_id": source_volume_id,
+                  "created_at": time.time(), **attributes}
+        state.write_atomic(directory / META, record)
+        self._fill(directory / DISK, source, size_bytes, quiesce)
+        record["state"] = READY
+        state.write_atomic(directory / META, record)
+        return record
+
+    def check_room(self, needed: int) -> None:
+        available = self.available_bytes()
+        if needed > available:
+            raise ResourceExhausted(f"{self.what} has {available} bytes left for volumes, "
+                                    f"{needed} requested: ask for less or use another host")
+
+    def _fill(self, disk: Path, source: Path | None, size_bytes: int, quiesce) -> None:
+        """Make `disk` a sparse file of `size_bytes`, holding a copy of `source` if given."""
+        partial = disk.with_name(disk.name + ".partial")
+        if not disk.exists():
+            if source is None:
+                with open(partial, "wb") as out:
+                    out.truncate(size_bytes)
+            else:
+                with (quiesce(source) if quiesce else contextlib.nullcontext()):
+                    command.run(["cp", "--reflink=auto", "--sparse=always", source, partial],
+                                timeout=COPY_TIMEOUT)
+            os.replace(partial, disk)
+        if disk.stat().st_size < size_bytes:
+            os.truncate(disk, size_bytes)
+
+    def read_volume(self, volume_id: str) -> dict:
+        record = state.read(self.volume_dir(volume_id) / META)
+        if record is None or record["state"] != READY:
+            raise NotFound(f"volume {volume_id} does not exist on {self.what}")
+        return record
+
+    def list_volumes(self) -> list[dict]:
+        return self._list(self.volumes_dir)
+
+    def expand_volume(self, volume_id: str, size_bytes: int) -> dict:
+        record = self.read_volume(volume_id)
+        if size_bytes > record["size_bytes"]:
+            self.check_room(size_bytes - record["size_bytes"])
+            os.truncate(self.volume_dir(volume_id) / DISK, size_bytes)
+            record["size_bytes"] = size_bytes
+            state.write_atomic(self.volume_dir(volume_id) / META, record)
+        return record
+
+    def delete_volume(self, volume_id: str) -> bool:
+        """Remove the volume; False when there was nothing to remove."""
+        try:
+            directory = self.volume_dir(volume_id)
+        except NotFound:
+            return False
+        return self._discard(directory)
+
+    # --- snapshots ---
+    def create_snapshot(self, snapshot_id: str, name: str, source_volume_id: str, quiesce=None) -> dict:
+        directory = self.snapshot_dir(snapshot_id)
+        record = state.read(directory / META)
+        if record is not None and record["state"] == READY:
+            if record["source_volume_id"] != source_volume_id:
+                raise AlreadyExists(f"snapshot name {name!r} is already used for volume "
+                                    f"{record['source_volume_id']}")
+            return record
+        source = self.read_volume(source_volume_id)
+        if record is None:
+            self.check_room(source["size_bytes"])
+            directory.mkdir(exist_ok=True)
+        record = {"snapshot_id": snapshot_id, "name": name, "source_volume_id": source_volume_id,
+                  "size_bytes": source["size_bytes"], "created_at": time.time(), "state": CREATING}
+        state.write_atomic(directory / META, record)
+        self._fill(directory / DISK, self.volume_dir(source_volume_id) / DISK, 0, quiesce)
+        record["state"] = READY
+        state.write_atomic(directory / META, record)
+        return record
+
+    def read_snapshot(self, snapshot_id: str) -> dict:
+        record = state.read(self.snapshot_dir(snapshot_id) / META)
+        if record is None or record["state"] != READY:
+            raise NotFound(f"snapshot {snapshot_id} does not exist on {self.what}")
+        return record
+
+    def list_snapshots(self) -> list[dict]:
+        return self._list(self.snapshots_dir)
+
+    def delete_snapshot(self, snapshot_id: str) -> bool:
+        try:
+            directory = self.snapshot_dir(snapshot_id)
+        except NotFound:
+            return False
+        return self._discard(directory)
+
+    # --- space ---
+    def available_bytes(self) -> int:
+        """Free space, less what sparse files may still claim and the reserve."""
+        vfs = os.statvfs(self.root)
+        free = vfs.f_bavail * vfs.f_frsize
+        # Sparse files have only been promised their size; what they have not written yet
+        # is still free on disk but already spoken for.
+        promised = 0
+        for disk in [*self.volumes_dir.glob(f"*/{DISK}"), *self.snapshots_dir.glob(f"*/{DISK}")]:
+            with contextlib.suppress(FileNotFoundError):
+                st = disk.stat()
+                promised += max(0, st.st_size - st.st_blocks * 512)
+        return max(0, free - promised - self.reserve_bytes)
+
+    def total_bytes(self) -> int:
+        vfs = os.statvfs(self.root)
+        return vfs.f_blocks * vfs.f_frsize
+
+    def allocated_bytes(self, volume_id: str) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.volume_dir(volume_id) / DISK).stat().st_blocks * 512
+        return 0
+
+    # --- internals ---
+    def _list(self, directory: Path) -> list[dict]:
+        found = []
+        for entry in sorted(directory.iterdir()):
+            record = state.read(entry / META)
+            if record is not None and record["state"] == READY:
+                found.append(record)
+        return found
+
+    def _discard(self, directory: Path) -> bool:
+        if not directory.exists():
+            return False
+        doomed = self.trash_dir / f"{directory.name}.{time.monotonic_ns()}"
+        os.rename(directory, doomed)
+        state.fsync_dir(directory.parent)
+        shutil.rmtree(doomed)
+        return True
+
+    def _empty_trash(self) -> None:
+        for leftover in self.trash_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        for directory in (self.volumes_dir, self.snapshots_dir):
+            for partial in directory.glob("*/*.partial"):
+                partial.unlink()
+
