@@ -130,19 +130,48 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+def _copies(volume) -> tuple[float, int]:
+    """Storage copies of every byte, and the copies the app keeps itself."""
+    ctx = volume.volume_context
+    return float(ctx.get("polyvol.csi.io/copies", "1")), int(ctx.get("appReplicas", "1"))
+
+
 def _volume_rows(volumes) -> list[list[str]]:
     rows = []
     for volume, condition in volumes:
         ctx = volume.volume_context
-        where = ",".join(f"{v}" for t in volume.accessible_topology for v in t.segments.values()) or "any node"
+        storage, app = _copies(volume)
+        where = ctx.get("polyvol.csi.io/server") or ",".join(
+            v for t in volume.accessible_topology for v in t.segments.values()) or "any node"
         rows.append([volume.volume_id, ctx.get("polyvol.csi.io/type", "?"),
                      format_size(volume.capacity_bytes), ctx.get("fsType", ""),
-                     ctx.get("polyvol.csi.io/copies", "?"), where,
+                     f"{storage:g}", f"{app}", f"{storage * app:g}", where,
                      "abnormal: " + condition.message if condition.abnormal else "ok"])
     return rows
 
 
-VOLUME_HEADERS = ["VOLUME ID", "TYPE", "SIZE", "FS", "COPIES", "WHERE", "CONDITION"]
+VOLUME_HEADERS = ["VOLUME ID", "TYPE", "SIZE", "FS", "COPIES", "APP", "EFFECTIVE", "WHERE",
+                  "CONDITION"]
+
+
+def _accounting(volumes) -> None:
+    """Per class: logical bytes, raw bytes the storage keeps, and effective copies
+    (app replicas x storage copies): the numbers behind 'Kafka on 3-copy storage = 9 copies'."""
+    classes: dict[str, list[float]] = {}
+    for volume in volumes:
+        storage, app = _copies(volume)
+        totals = classes.setdefault(volume.volume_context.get("polyvol.csi.io/type", "?"), [0, 0, 0, 0])
+        totals[0] += 1
+        totals[1] += volume.capacity_bytes
+        totals[2] += volume.capacity_bytes * storage
+        totals[3] += volume.capacity_bytes * storage * app
+    if not classes:
+        return
+    print()
+    _table(["TYPE", "VOLUMES", "LOGICAL", "RAW (STORAGE)", "RAW/LOGICAL", "EFFECTIVE COPIES"], [
+        [name, f"{count:.0f}", format_size(logical), format_size(raw), f"{raw / logical:.2f}",
+         f"{effective / logical:.2f}"]
+        for name, (count, logical, raw, effective) in sorted(classes.items())])
 
 
 def _create(args) -> int:
@@ -172,15 +201,16 @@ def _create(args) -> int:
 
 def _list(args) -> int:
     def action(stubs, args):
-        rows, token = [], ""
+        entries, token = [], ""
         for _ in range(10_000):  # pages; bounded so a broken token cannot loop forever
             page = stubs.call(stubs.controller.ListVolumes,
                               csi_pb2.ListVolumesRequest(max_entries=100, starting_token=token))
-            rows += _volume_rows((e.volume, e.status.volume_condition) for e in page.entries)
+            entries += page.entries
             token = page.next_token
             if not token:
                 break
-        _table(VOLUME_HEADERS, rows)
+        _table(VOLUME_HEADERS, _volume_rows((e.volume, e.status.volume_condition) for e in entries))
+        _accounting([e.volume for e in entries])
     return _run(args, action)
 
 
