@@ -34,6 +34,24 @@ def _plugin_parser(commands) -> None:
     plugin.add_argument("--local-reserve", type=parse_size, default=0,
                         help="space on the state directory's filesystem that local volumes "
                              "must leave free, e.g. 10Gi")
+    remote = plugin.add_argument_group("remote-disk (controller)")
+    remote.add_argument("--storage-servers", default="", metavar="FILE",
+                        help='JSON {"servers": [{"name": "s1", "address": "host:port"}]}, re-read on change')
+    remote.add_argument("--storage-server-selector", default="", metavar="LABELS",
+                        help="find storage servers as ready pods with these labels (in a cluster)")
+    remote.add_argument("--storage-server-namespace", default="polyvol",
+                        help="namespace of the storage-server pods")
+    remote.add_argument("--storage-server-port", type=int, default=9740,
+                        help="control API port of discovered storage servers")
+    remote.add_argument("--storage-tls-dir", default="", metavar="DIR",
+                        help="ca.crt, client.crt, client.key for the storage control API (mutual TLS)")
+    nbd = plugin.add_argument_group("remote-disk (node)")
+    nbd.add_argument("--nbd-psk-file", default="", metavar="FILE",
+                     help="TLS-PSK key file (identity:hexkey lines) for storage servers' NBD exports")
+    nbd.add_argument("--nbd-psk-identity", default="polyvol",
+                     help="which identity of the PSK file this node uses")
+    nbd.add_argument("--nbd-attach", choices=("auto", "kernel", "userspace"), default="auto",
+                     help="kernel NBD when the node has it (auto), or force one path")
     plugin.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     plugin.set_defaults(run=_run_plugin)
 
@@ -45,18 +63,26 @@ def _run_plugin(args) -> int:
     plugin.serve(endpoint=args.endpoint, node_id=args.node_id, state_dir=args.state_dir,
                  role=args.role, default_type=args.default_type,
                  publish_roots=args.publish_roots or [DEFAULT_PUBLISH_ROOT],
-                 max_volumes=args.max_volumes, local_reserve_bytes=args.local_reserve)
+                 max_volumes=args.max_volumes, local_reserve_bytes=args.local_reserve,
+                 storage_servers=args.storage_servers,
+                 storage_server_selector=args.storage_server_selector,
+                 storage_server_namespace=args.storage_server_namespace,
+                 storage_server_port=args.storage_server_port, storage_tls_dir=args.storage_tls_dir,
+                 nbd_psk_file=args.nbd_psk_file, nbd_psk_identity=args.nbd_psk_identity,
+                 nbd_attach=args.nbd_attach)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import client
+    from .storage.cli import add_parsers as add_storage_parsers
 
     parser = argparse.ArgumentParser(prog="polyvol", description=__doc__)
     parser.add_argument("--version", action="version", version=f"polyvol {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _plugin_parser(commands)
     client.add_parsers(commands, os.environ.get("POLYVOL_ENDPOINT", DEFAULT_ENDPOINT))
+    add_storage_parsers(commands)
     return parser
 
 

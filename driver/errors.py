@@ -93,6 +93,15 @@ STATUS_OF = {
 }
 
 
+def error_for_status(code: grpc.StatusCode, message: str) -> PolyvolError:
+    """The typed error for a gRPC status that another polyvol component (a storage server)
+    returned, so it passes through our own services with the same code and message."""
+    for cls, status in STATUS_OF.items():
+        if status == code and cls is not CommandFailed:
+            return cls(message)
+    return PolyvolError(f"{code.name}: {message}")
+
+
 def status_of(error: BaseException) -> grpc.StatusCode:
     """The gRPC code for an error: the nearest typed ancestor in STATUS_OF, else INTERNAL."""
     for cls in type(error).__mro__:

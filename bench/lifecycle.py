@@ -1,0 +1,295 @@
+"""Lifecycle benchmark: how long a local-ephemeral volume's whole life takes, and who spends it.
+
+    .venv/bin/python bench/lifecycle.py [--volumes 32] [--concurrency 16] [--fs ext4]
+
+Starts its own `polyvol plugin` (the test suite's `Plugin` class, in a temporary directory),
+then runs create -> stage -> publish -> unpublish -> unstage -> delete for N volumes, first
+one after another, then with `--concurrency` threads each doing whole cycles. For every step
+it prints the client-side p50/p99 latency and the share of the step's time spent inside
+external commands (the plugin's `command_ms`, matched to the call by method and volume).
+The total row gives the plugin's own overhead, (RPC time - command time) / RPC time, with the
+RPC time as the plugin logged it, against the target: under 20 % of the cycle. Then the
+commands that took the most time, by name, from the plugin's debug log.
+
+Everything the run made is unmounted, detached and removed at the end, also on errors.
+Exit status: 0 when every call succeeded (whether or not the target is met), 1 on errors.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent import futures
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+
+from driver.fs import MIN_FS_BYTES  # noqa: E402
+from driver.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
+from driver.rpc import _subject  # noqa: E402 - the same key the plugin logs as "volume"
+from driver.units import format_size, parse_size  # noqa: E402
+from tests.conftest import Plugin, clean_up_below  # noqa: E402
+
+STEPS = ("CreateVolume", "NodeStageVolume", "NodePublishVolume",
+         "NodeUnpublishVolume", "NodeUnstageVolume", "DeleteVolume")
+TARGET_OVERHEAD = 0.20
+
+
+class Timings(grpc.UnaryUnaryClientInterceptor):
+    """Times every unary call on the channel as the client sees it: (method, subject) -> ms."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.calls: list[tuple[str, str, float, str]] = []  # method, subject, ms, code
+
+    def intercept_unary_unary(self, continuation, details, request):
+        started = time.monotonic()
+        outcome = continuation(details, request)
+        error = outcome.exception()
+        ms = (time.monotonic() - started) * 1000
+        code = error.code().name if error is not None else "OK"
+        with self._lock:
+            self.calls.append((details.method.rsplit("/", 1)[-1], _subject(request), ms, code))
+        return outcome
+
+
+class TimedPlugin(Plugin):
+    """The test suite's plugin, with every call from its helpers going through `Timings`."""
+
+    def __init__(self, workdir: Path, log_level: str = "debug"):
+        # Plugin passes --log-level debug; a later --log-level wins (argparse).
+        super().__init__(workdir, extra_args=["--log-level", log_level], node_id="node-bench")
+        self.timings = Timings()
+
+    def start(self) -> None:
+        super().start()
+        self.channel = grpc.intercept_channel(self.channel, self.timings)
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+
+def cycle(plugin: TimedPlugin, name: str, size: int, fs_type: str) -> float:
+    """One volume's whole life; returns its duration in ms as the client saw it."""
+    started = time.monotonic()
+    volume = plugin.create(name, size=size, fs_type=fs_type)
+    plugin.stage_and_publish(volume, name, fs_type=fs_type)
+    plugin.unpublish_and_unstage(volume.volume_id, name)
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id),
+                                   timeout=120)
+    return (time.monotonic() - started) * 1000
+
+
+def run_phase(plugin: TimedPlugin, prefix: str, count: int, workers: int, size: int,
+              fs_type: str) -> dict:
+    """Run `count` cycles on `workers` threads; return the calls, log lines and failures."""
+    log_start = len(plugin.log_lines())
+    call_start = len(plugin.timings.calls)
+    names = [f"{prefix}-{i:03d}" for i in range(count)]
+    failures, cycles = [], []
+    started = time.monotonic()
+
+    def one(name):
+        try:
+            cycles.append(cycle(plugin, name, size, fs_type))
+        except Exception as error:  # noqa: BLE001 - reported and counted, the run goes on
+            failures.append((name, error))
+
+    with futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, names))
+    wall = time.monotonic() - started
+    return {"calls": plugin.timings.calls[call_start:], "log": plugin.log_lines()[log_start:],
+            "failures": failures, "cycles": cycles, "wall": wall, "count": count, "workers": workers}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def describe(error: Exception) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
+
+
+def command_name(argv: list[str]) -> str:
+    name = os.path.basename(argv[0])
+    if name == "losetup" and len(argv) > 1:
+        name += " " + argv[1]  # --list (a lookup) and --find (an attach) are different costs
+    return name
+
+
+def report(title: str, phase: dict) -> tuple[float, list[str]]:
+    """Print the phase's tables; return the plugin overhead and the problems found."""
+    problems = [f"{name}: {describe(error)}" for name, error in phase["failures"]]
+    rpc_lines = {}
+    for line in phase["log"]:
+        if line.get("event") == "rpc":
+            rpc_lines[(line["method"], line["volume"])] = line
+            if line["code"] != "OK":
+                problems.append(f"{line['method']} {line['volume']}: {line['code']} "
+                                f"{line.get('message', '')}")
+    per_step = defaultdict(list)  # step -> [(client ms, server ms, command ms)]
+    for method_name, subject, ms, code in phase["calls"]:
+        if method_name not in STEPS:
+            continue
+        line = rpc_lines.get((method_name, subject))
+        if line is None:
+            problems.append(f"no plugin log line for {method_name} {subject}")
+            continue
+        per_step[method_name].append((ms, line["ms"], line["command_ms"]))
+    print(f"\n== {title}: {phase['count']} volumes, {phase['workers']} worker(s), "
+          f"{phase['wall']:.2f} s wall, {phase['count'] / phase['wall']:.2f} cycles/s ==")
+    header = (f"{'step':<22}{'n':>4}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"
+              f"{'plugin ms':>11}{'cmd ms':>10}{'in cmds':>9}")
+    print(header)
+    print("-" * len(header))
+    totals = [0.0, 0.0, 0.0]
+    for step in STEPS:
+        rows = per_step.get(step, [])
+        if not rows:
+            print(f"{step:<22}{0:>4}")
+            continue
+        client = [r[0] for r in rows]
+        server = sum(r[1] for r in rows)
+        commands = sum(r[2] for r in rows)
+        totals = [totals[0] + sum(client), totals[1] + server, totals[2] + commands]
+        print(f"{step:<22}{len(rows):>4}{percentile(client, .5):>10.1f}{percentile(client, .99):>10.1f}"
+              f"{statistics.fmean(client):>10.1f}{server / len(rows):>11.1f}"
+              f"{commands / len(rows):>10.1f}{commands / server:>9.0%}")
+    print("-" * len(header))
+    count = max(1, phase["count"])
+    client_total, server_total, command_total = totals
+    overhead = (server_total - command_total) / server_total if server_total else 1.0
+    client_overhead = (client_total - command_total) / client_total if client_total else 1.0
+    verdict = "PASS" if overhead < TARGET_OVERHEAD else "FAIL"
+    cycles = phase["cycles"] or [0.0]
+    print(f"{'whole cycle':<22}{len(phase['cycles']):>4}{percentile(cycles, .5):>10.1f}"
+          f"{percentile(cycles, .99):>10.1f}{client_total / count:>10.1f}"
+          f"{server_total / count:>11.1f}{command_total / count:>10.1f}"
+          f"{command_total / server_total if server_total else 0:>9.0%}")
+    print(f"plugin overhead (RPC ms - command ms) / RPC ms = {overhead:.1%}   "
+          f"target < {TARGET_OVERHEAD:.0%} of the cycle: {verdict}")
+    print(f"  (as the client sees it, gRPC and client included: {client_overhead:.1%})")
+
+    commands = defaultdict(lambda: [0, 0.0])
+    for line in phase["log"]:
+        if line.get("event") == "command" and "ms" in line:
+            entry = commands[command_name(line["argv"])]
+            entry[0] += 1
+            entry[1] += line["ms"]
+    all_ms = sum(ms for _, ms in commands.values()) or 1.0
+    if not commands:
+        print("\n(no command lines in the plugin log: run with --log-level debug for them)")
+        return overhead, problems
+    print(f"\n{'command':<22}{'runs':>6}{'total ms':>11}{'mean ms':>10}{'share':>8}")
+    for name, (runs, ms) in sorted(commands.items(), key=lambda item: -item[1][1]):
+        print(f"{name:<22}{runs:>6}{ms:>11.1f}{ms / runs:>10.1f}{ms / all_ms:>8.0%}")
+    return overhead, problems
+
+
+def commands_per_step(phase: dict) -> None:
+    """In a sequential phase the commands logged before an rpc line belong to that RPC."""
+    pending, seen, calls = Counter(), defaultdict(Counter), Counter()
+    for line in phase["log"]:
+        if line.get("event") == "command" and "argv" in line:
+            pending[command_name(line["argv"])] += 1
+        elif line.get("event") == "rpc":
+            seen[line["method"]].update(pending)
+            calls[line["method"]] += 1
+            pending = Counter()
+    print("\ncommands per call (sequential phase, mean):")
+    for step in STEPS:
+        if calls[step]:
+            listed = ", ".join(f"{name} x{n / calls[step]:g}" for name, n in seen[step].most_common())
+            print(f"  {step:<22}{listed or '-'}")
+
+
+def leftovers(workdir: Path) -> list[str]:
+    prefix = str(workdir) + "/"
+    found = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+             if line.split()[4].startswith(prefix)]
+    listing = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"],
+                             capture_output=True, text=True, check=False).stdout
+    for loop in (json.loads(listing)["loopdevices"] if listing.strip() else []):
+        if (loop.get("back-file") or "").startswith(prefix):
+            found.append(loop["name"])
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--volumes", type=int, default=32, help="volumes per phase (default 32)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="worker threads in the concurrent phase (default 16)")
+    parser.add_argument("--fs", choices=sorted(MIN_FS_BYTES), default="ext4")
+    parser.add_argument("--size", type=parse_size, default=None,
+                        help="volume size (default 64Mi, or the filesystem's minimum if larger)")
+    parser.add_argument("--dir", default=None, help="parent of the temporary work directory")
+    parser.add_argument("--log-level", choices=("debug", "info"), default="debug",
+                        help="the plugin's log level; the command table needs debug, which "
+                             "itself costs the plugin time (one JSON line per command)")
+    args = parser.parse_args(argv)
+    if args.volumes < 1 or args.concurrency < 1:
+        parser.error("--volumes and --concurrency must be at least 1")
+    size = args.size or max(64 << 20, MIN_FS_BYTES[args.fs])
+
+    workdir = Path(tempfile.mkdtemp(prefix="polyvol-bench-", dir=args.dir))
+    plugin = TimedPlugin(workdir, args.log_level)
+    problems = []
+    try:
+        plugin.start()
+        print(f"polyvol lifecycle benchmark: {args.fs}, {format_size(size)} local-ephemeral "
+              f"volumes, plugin log {plugin.log_path} (kept only on errors)")
+        sequential = run_phase(plugin, "seq", args.volumes, 1, size, args.fs)
+        concurrent = run_phase(plugin, "par", args.volumes, args.concurrency, size, args.fs)
+        for title, phase in (("sequential", sequential), ("concurrent", concurrent)):
+            _, found = report(title, phase)
+            problems += found
+            if phase is sequential:
+                commands_per_step(phase)
+    except Exception as error:  # noqa: BLE001
+        problems.append(f"benchmark failed: {type(error).__name__}: {error}")
+    finally:
+        try:
+            plugin.stop()
+        except Exception as error:  # noqa: BLE001
+            problems.append(f"stopping the plugin: {error}")
+        # The plugin log outlives the work directory only when something went wrong.
+        kept_log = Path(tempfile.gettempdir()) / "polyvol-bench-failed.log"
+        if plugin.log_path.exists():
+            shutil.copyfile(plugin.log_path, kept_log)
+        clean_up_below(workdir)
+        left = leftovers(workdir)
+        if left:
+            problems.append(f"left behind after clean-up: {', '.join(left)}")
+        else:
+            subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], check=False)
+    if not problems:
+        kept_log.unlink(missing_ok=True)
+    if problems:
+        print(f"\n{len(problems)} error(s) (plugin log kept at {kept_log}):", file=sys.stderr)
+        for problem in problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The storage server: the control API (polyvol.storage.v1) over a FileStore, and its data plane.
+
+Layout of the data directory (mode 0700, the volume data is nobody else's business):
+    volumes/, snapshots/, trash/   the FileStore (driver/filestore.py)
+    exports/<volume-id>            hard links to volumes/<volume-id>/disk.img, served by nbdkit
+    nbdkit.pid                     written by nbdkit when it accepts connections
+
+nbdkit serves every file in exports/ as an export named after it. A hard link (not a
+symlink, not the store's own directory) keeps exports/ flat while the store keeps its
+per-volume directories, and removing the link takes the export away without touching the
+data. A link exists exactly while the volume is ready: made after CreateVolume, removed
+before DeleteVolume deletes, and put right at start (after a crash) from the store's records.
+
+"Attached" means nbdkit has the volume's file open: it opens an export's file when a node
+connects to it and keeps it open for the connection (see nbdkit.Nbdkit.open_files).
+DeleteVolume removes the link first, so no new connection can start, then refuses if the
+file is still open and puts the link back. Right after nbdkit (re)starts, nodes that had
+volumes attached may not have reconnected yet, so for `reconnect_grace` seconds deletes
+and plain copies are refused with a retryable error rather than trusting an empty list.
+"""
+
+import contextlib
+import ipaddress
+import os
+import re
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from .. import __version__, command, log, state
+from ..errors import FailedPrecondition, InvalidArgument, PolyvolError, Unavailable
+from ..filestore import FileStore
+from ..locks import OperationLocks
+from ..proto import storage_pb2, storage_pb2_grpc
+from ..rpc import method, require
+from . import (DEFAULT_RECONNECT_GRACE, check_server_name, server_of, snapshot_id_pattern, tls,
+               volume_id_pattern)
+from .nbdkit import Nbdkit, read_psk_identities
+
+_log = log.get("storage")
+API_VERSION = 1
+MAX_NAME = 256
+MAX_SPREAD_GROUP = 253
+
+
+class CopyRefused(FailedPrecondition):
+    """A volume could not be copied safely; the unfinished target is discarded."""
+
+
+class StorageServicer(storage_pb2_grpc.StorageServerServicer):
+    def __init__(self, name: str, store: FileStore, exports_dir: Path, nbdkit: Nbdkit, *,
+                 labels: dict, nbd_address: str, reflink: bool, reconnect_grace: float):
+        self.name = name
+        self.store = store
+        self.exports_dir = Path(exports_dir)
+        self.nbdkit = nbdkit
+        self.labels = dict(labels)
+        self.nbd_address = nbd_address
+        self.reflink = reflink
+        self.reconnect_grace = reconnect_grace
+        self.locks = OperationLocks()
+        self._volume_id = re.compile(volume_id_pattern(name))
+        self._snapshot_id = re.compile(snapshot_id_pattern(name))
+
+    # --- RPCs ---
+    @method
+    def GetInfo(self, request, context):
+        return storage_pb2.ServerInfo(name=self.name, labels=self.labels, nbd_address=self.nbd_address,
+                                      nbd_tls=self.nbdkit.psk_file is not None,
+                                      version=__version__, api_version=API_VERSION)
+
+    @method
+    def GetCapacity(self, request, context):
+        return storage_pb2.GetCapacityResponse(available_bytes=self.store.available_bytes(),
+                                               total_bytes=self.store.total_bytes(),
+                                               volumes=len(self.store.list_volumes()))
+
+    @method
+    def CreateVolume(self, request, context):
+        volume_id = self._own_id(request.volume_id, "volume_id")
+        _check_name(request.name)
+        _check_size(request.size_bytes)
+        if request.source_snapshot_id and request.source_volume_id:
+            raise InvalidArgument("give source_snapshot_id or source_volume_id, not both")
+        if request.source_snapshot_id:
+            self._own_id(request.source_snapshot_id, "source_snapshot_id", snapshot=True)
+        if request.source_volume_id:
+            self._own_id(request.source_volume_id, "source_volume_id")
+            if request.source_volume_id == volume_id:
+                raise InvalidArgument("source_volume_id cannot be the volume being created")
+        if len(request.spread_group) > MAX_SPREAD_GROUP:
+            raise InvalidArgument(f"spread_group is longer than {MAX_SPREAD_GROUP} characters")
+        if any(not key for key in request.parameters):
+            raise InvalidArgument("parameters cannot have an empty key")
+        with self._held(volume_id, request.source_volume_id or request.source_snapshot_id,
+                        operation="CreateVolume"):
+            try:
+                record = self.store.create_volume(
+                    volume_id, request.name, request.size_bytes,
+                    source_snapshot_id=request.source_snapshot_id,
+                    source_volume_id=request.source_volume_id,
+                    attributes={"parameters": dict(request.parameters),
+                                "spread_group": request.spread_group},
+                    quiesce=self._copy_guard if request.source_volume_id else None)
+            except CopyRefused:
+                self.store.delete_volume(volume_id)
+                raise
+            self._export(volume_id)
+        _log.info("volume ready", volume_id=volume_id, size_bytes=record["size_bytes"],
+                  spread_group=request.spread_group)
+        return self._stored(record, self._open_now())
+
+    @method
+    def DeleteVolume(self, request, context):
+        volume_id = self._own_id(request.volume_id, "volume_id")
+        with self._held(volume_id, operation="DeleteVolume"):
+            try:
+                disk = os.stat(self.store.data_path(volume_id))
+            except FileNotFoundError:
+                disk = None  # never finished, or gone already: nothing can be attached
+            exported = self._unexport(volume_id)  # from here on no node can open it
+            if disk is not None:
+                try:
+                    self._refuse_if_attached(volume_id, disk, "deleted")
+                except PolyvolError:
+                    if exported:
+                        self._export(volume_id)
+                    raise
+            if self.store.delete_volume(volume_id):
+                _log.info("volume deleted", volume_id=volume_id)
+        return storage_pb2.DeleteVolumeResponse()
+
+    @method
+    def GetVolume(self, request, context):
+        volume_id = self._own_id(request.volume_id, "volume_id")
+        return self._stored(self.store.read_volume(volume_id), self._open_now())
+
+    @method
+    def ListVolumes(self, request, context):
+        open_now = self._open_now()
+        return storage_pb2.ListVolumesResponse(volumes=[
+            self._stored(record, open_now) for record in self.store.list_volumes()
+            if not request.spread_group or record["spread_group"] == request.spread_group])
+
+    @method
+    def ExpandVolume(self, request, context):
+        volume_id = self._own_id(request.volume_id, "volume_id")
+        _check_size(request.size_bytes)
+        with self._held(volume_id, operation="ExpandVolume"):
+            record = self.store.expand_volume(volume_id, request.size_bytes)
+        return self._stored(record, self._open_now())
+
+    @method
+    def CreateSnapshot(self, request, context):
+        snapshot_id = self._own_id(request.snapshot_id, "snapshot_id", snapshot=True)
+        _check_name(request.name)
+        source = self._own_id(request.source_volume_id, "source_volume_id")
+        with self._held(snapshot_id, source, operation="CreateSnapshot"):
+            try:
+                record = self.store.create_snapshot(snapshot_id, request.name, source,
+                                                    quiesce=self._copy_guard)
+            except CopyRefused:
+                self.store.delete_snapshot(snapshot_id)
+                raise
+        return _snapshot(record)
+
+    @method
+    def DeleteSnapshot(self, request, context):
+        snapshot_id = self._own_id(request.snapshot_id, "snapshot_id", snapshot=True)
+        with self._held(snapshot_id, operation="DeleteSnapshot"):
+            self.store.delete_snapshot(snapshot_id)
+        return storage_pb2.DeleteSnapshotResponse()
+
+    @method
+    def ListSnapshots(self, request, context):
+        return storage_pb2.ListSnapshotsResponse(
+            snapshots=[_snapshot(record) for record in self.store.list_snapshots()])
+
+    # --- checks ---
+    def _own_id(self, value: str, field: str, snapshot: bool = False) -> str:
+        """`value` if it is a well-formed id of this server; nothing else becomes a path."""
+        require(value, field)
+        pattern, kind = (self._snapshot_id, "rd-snap") if snapshot else (self._volume_id, "rd")
+        if pattern.fullmatch(value):
+            return value
+        other = server_of(value)
+        if other is not None and other != self.name:
+            raise InvalidArgument(f"{field} {value!r} belongs to storage server {other!r}; this is "
+                                  f"{self.name!r}: send the request to that server")
+        raise InvalidArgument(f"{field} {value[:100]!r} is not valid here: expected "
+                              f"{kind}-<32 lowercase hex>-{self.name}")
+
+    @contextlib.contextmanager
+    def _held(self, *keys: str, operation: str):
+        """Per-id operation locks (ABORTED when busy), the same rule the CSI plugin follows."""
+        with contextlib.ExitStack() as stack:
+            for key in keys:
+                if key:
+                    stack.enter_context(self.locks.hold(key, operation))
+            yield
+
+    def _refuse_if_attached(self, volume_id: str, disk: os.stat_result, what: str) -> None:
+        running_for = self.nbdkit.ready_for()
+        if running_for is None:
+            raise Unavailable(f"the NBD data plane is restarting, so whether a node has "
+                              f"{volume_id} attached is unknown; retry in a few seconds")
+        if running_for < self.reconnect_grace:
+            raise Unavailable(
+                f"the NBD data plane started {running_for:.0f}s ago and nodes that had {volume_id} "
+                f"attached may still be reconnecting; it can be {what} in "
+                f"{self.reconnect_grace - running_for:.0f}s")
+        if (disk.st_dev, disk.st_ino) in self.nbdkit.open_files():
+            raise FailedPrecondition(f"volume {volume_id} is attached: a node has its NBD export "
+                                     f"open; detach it from that node before it can be {what}")
+
+    @contextlib.contextmanager
+    def _copy_guard(self, source: Path):
+        """Held by the FileStore while it copies a volume's file (snapshot or clone)."""
+        if self.reflink:
+            yield  # a reflink copy is one atomic clone: a point in time even while in use
+            return
+        volume_id = source.parent.name
+        before = source.stat()
+        try:
+            self._refuse_if_attached(volume_id, before, "copied")
+        except PolyvolError as error:
+            raise CopyRefused(
+                f"{error} (the data directory's filesystem cannot make reflink copies, and a plain "
+                f"copy of a volume in use would be torn by writes during the copy; use xfs or "
+                f"btrfs for the data directory to snapshot attached volumes)") from None
+        yield
+        after = source.stat()
+        if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
+            raise CopyRefused(f"volume {volume_id} was written while it was being copied (a node "
+                              f"attached it meanwhile); the copy was discarded, retry when it is "
+                              f"detached")
+
+    # --- exports ---
+    def _export(self, volume_id: str) -> None:
+        disk, link = self.store.data_path(volume_id), self.exports_dir / volume_id
+        try:
+            os.link(disk, link)
+        except FileExistsError:
+            if os.path.samefile(disk, link):
+                return
+            link.unlink()
+            os.link(disk, link)
+        state.fsync_dir(self.exports_dir)
+
+    def _unexport(self, volume_id: str) -> bool:
+        """Remove the export; False when there was none."""
+        try:
+            (self.exports_dir / volume_id).unlink()
+        except FileNotFoundError:
+            return False
+        state.fsync_dir(self.exports_dir)
+        return True
+
+    def reconcile_exports(self) -> None:
+        """Make exports/ hold exactly the ready volumes (a crash may have left it behind)."""
+        ready = {record["volume_id"] for record in self.store.list_volumes()}
+        for entry in os.scandir(self.exports_dir):
+            if entry.name not in ready:
+                os.unlink(entry.path)
+                _log.warning("removed stale export", export=entry.name)
+        for volume_id in sorted(ready):
+            self._export(volume_id)
+
+    # --- replies ---
+    def _open_now(self) -> set:
+        try:
+            return self.nbdkit.open_files()
+        except Unavailable:
+            return set()  # nbdkit is restarting: no connection is open
+
+    def _stored(self, record: dict, open_now: set) -> storage_pb2.StoredVolume:
+        volume_id = record["volume_id"]
+        try:
+            st = os.stat(self.store.data_path(volume_id))
+            in_use = (st.st_dev, st.st_ino) in open_now
+        except FileNotFoundError:
+            in_use = False
+        return storage_pb2.StoredVolume(
+            volume_id=volume_id, name=record["name"], size_bytes=record["size_bytes"],
+            parameters=record["parameters"], source_snapshot_id=record["source_snapshot_id"],
+            source_volume_id=record["source_volume_id"], spread_group=record["spread_group"],
+            created_at=record["created_at"], in_use=in_use,
+            allocated_bytes=self.store.allocated_bytes(volume_id))
+
+
+def _snapshot(record: dict) -> storage_pb2.StoredSnapshot:
+    return storage_pb2.StoredSnapshot(
+        snapshot_id=record["snapshot_id"], name=record["name"],
+        source_volume_id=record["source_volume_id"], size_bytes=record["size_bytes"],
+        created_at=record["created_at"])
+
+
+def _check_name(name: str) -> None:
+    require(name, "name")
+    if len(name) > MAX_NAME:
+        raise InvalidArgument(f"name is longer than {MAX_NAME} characters")
+
+
+def _check_size(size_bytes: int) -> None:
+    if size_bytes <= 0 or size_bytes % 512:
+        raise InvalidArgument(f"size_bytes must be a positive multiple of 512 (a block device's "
+                              f"sector), not {size_bytes}")
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT or [IPV6]:PORT."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"{flag} {text!r} must be HOST:PORT (IPv6: [ADDR]:PORT)")
+    return host, int(port)
+
+
+def _is_wildcard(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_unspecified
+    return False
+
+
+def reflink_supported(directory: Path) -> bool:
+    """Whether `cp --reflink` can clone files in `directory` (xfs, btrfs: yes; ext4: no)."""
+    probe, clone = directory / ".reflink-probe", directory / ".reflink-probe.clone"
+    try:
+        probe.write_bytes(b"\0" * 4096)
+        return command.run(["cp", "--reflink=always", probe, clone], check=False).returncode == 0
+    finally:
+        probe.unlink(missing_ok=True)
+        clone.unlink(missing_ok=True)
+
+
+def _nbd_psk(psk_file: str, insecure_nbd: bool, nbd_listen: str) -> str | None:
+    """The PSK file nbdkit should use, checked; None for the --insecure-nbd opt-out."""
+    if insecure_nbd:
+        _log.warning("NBD data plane WITHOUT TLS (--insecure-nbd): anyone who can reach "
+                     f"{nbd_listen} can read and write every volume; use only on a dedicated, "
+                     "trusted storage network")
+        return None
+    if not psk_file:
+        raise InvalidArgument("--nbd-psk-file is required (or --insecure-nbd on a trusted network)")
+    identities = read_psk_identities(Path(psk_file))
+    if os.stat(psk_file).st_mode & 0o077:
+        _log.warning("PSK file is readable by other users; chmod 600 it", path=psk_file)
+    _log.info("NBD clients", psk_identities=identities)
+    return os.path.abspath(psk_file)
+
+
+def serve(*, name: str, data_dir: str, listen: str, nbd_listen: str, nbd_advertise: str,
+          tls_dir: str, psk_file: str, labels: dict, reserve_bytes: int, insecure_nbd: bool,
+          reconnect_grace: float = DEFAULT_RECONNECT_GRACE, workers: int = 8) -> None:
+    check_server_name(name)
+    parse_address(listen, "--listen")
+    nbd_host, nbd_port = parse_address(nbd_listen, "--nbd-listen")
+    if _is_wildcard(nbd_host) and not nbd_advertise:
+        raise InvalidArgument(f"--nbd-listen {nbd_listen} listens on every address; give "
+                              f"--nbd-advertise HOST:PORT, the address nodes should dial")
+    if nbd_advertise:
+        parse_address(nbd_advertise, "--nbd-advertise")
+    psk = _nbd_psk(psk_file, insecure_nbd, nbd_listen)
+    credentials = tls.server_credentials(Path(tls_dir))
+
+    root = Path(data_dir).absolute()  # nbdkit is given paths below it
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    store = FileStore(root, volume_id_pattern(name), snapshot_id_pattern(name), reserve_bytes,
+                      f"storage server {name}")
+    exports_dir = root / "exports"
+    exports_dir.mkdir(exist_ok=True)
+    nbdkit = Nbdkit(exports_dir, root / "nbdkit.pid", nbd_host, nbd_port, psk)
+    servicer = StorageServicer(name, store, exports_dir, nbdkit, labels=labels,
+                               nbd_address=nbd_advertise or nbd_listen,
+                               reflink=reflink_supported(root), reconnect_grace=reconnect_grace)
+    servicer.reconcile_exports()
+
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        _log.info("stopping", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    nbdkit.start()
+    try:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+        storage_pb2_grpc.add_StorageServerServicer_to_server(servicer, server)
+        try:
+            bound = server.add_secure_port(listen, credentials)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise FailedPrecondition(f"cannot listen on {listen} (in use, or not an address of this host)")
+        server.start()
+        _log.info("serving", name=name, version=__version__, listen=listen, mtls=True,
+                  nbd_address=servicer.nbd_address, nbd_tls=psk is not None, data_dir=str(root),
+                  reflink=servicer.reflink, volumes=len(store.list_volumes()), labels=labels)
+        stopping.wait()
+        server.stop(grace=5).wait()
+    finally:
+        nbdkit.stop()

@@ -1,0 +1,535 @@
+"""The remote-disk storage server end to end: `polyvol storage-server` as a subprocess with
+real nbdkit, real mutual TLS and TLS-PSK, on 127.0.0.1, driven through StorageClient and
+checked from the outside with nbdinfo/nbdcopy (libnbd) as a node would see it.
+
+Every server is stopped after its test, and teardown fails the test if any nbdkit started
+for its data directory is still running.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from driver import errors
+from driver.proto import storage_pb2, storage_pb2_grpc
+from driver.storage import snapshot_id, volume_id
+from driver.storage.client import StorageClient
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+IDENTITY = "node-a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def polyvol(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "driver.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def nbdkit_pids(below: Path) -> list[int]:
+    """nbdkit processes whose command line names a path below `below`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"nbdkit") and any(str(below).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    """A certificate bundle and a PSK file, made with the CLI as an operator would."""
+    directory = Path(tempfile.mkdtemp(prefix="polyvol-storage-keys-"))
+    try:
+        made = polyvol("storage", "certs", "--dir", str(directory / "tls"))
+        assert made.returncode == 0, made.stderr
+        made = polyvol("storage", "psk", "--identity", IDENTITY, "--out", str(directory / "psk"))
+        assert made.returncode == 0, made.stderr
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+class StorageServer:
+    def __init__(self, workdir: Path, keys: Path, name: str = "s1"):
+        self.workdir, self.keys, self.name = workdir, keys, name
+        self.data_dir = workdir / "data"
+        self.port, self.nbd_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.tls_dir, self.psk = keys / "tls", keys / "psk"
+        self.log_path = workdir / "server.log"
+        self.process = None
+
+    def start(self, *extra: str) -> None:
+        seen = len(self.log_lines())  # earlier runs' lines, when restarted
+        argv = [sys.executable, "-m", "driver.cli", "storage-server", "--name", self.name,
+                "--data-dir", str(self.data_dir), "--listen", self.address,
+                "--nbd-listen", f"127.0.0.1:{self.nbd_port}", "--tls-dir", str(self.tls_dir),
+                "--nbd-psk-file", str(self.psk), "--label", "rack=r1", "--log-level", "debug", *extra]
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO)
+        wait_for(lambda: self.process.poll() is not None or any(
+            line.get("event") == "serving" for line in self.log_lines()[seen:]), 20, "the server")
+        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def log_lines(self) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                pass
+        return lines
+
+    def client(self, tls_dir: Path | None = None) -> StorageClient:
+        return StorageClient(self.address, str(tls_dir or self.tls_dir), timeout=10)
+
+    def uri(self, export: str = "", psk: Path | None = None, identity: str = IDENTITY) -> str:
+        return (f"nbds://{identity}@127.0.0.1:{self.nbd_port}/{export}"
+                f"?tls-psk-file={psk or self.psk}")
+
+    def exports(self) -> list[str]:
+        listing = subprocess.run(["nbdinfo", "--list", "--json", self.uri()], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+        return sorted(e["export-name"] for e in json.loads(listing)["exports"])
+
+    def hold_open(self, export: str) -> subprocess.Popen:
+        """A node holding the export open: an nbdkit NBD proxy on a unix socket whose one
+        shared upstream connection (TLS-PSK) is made at start and kept."""
+        sock = self.workdir / f"{export[:12]}.sock"
+        holder = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock), "nbd",
+             "hostname=127.0.0.1", f"port={self.nbd_port}", f"export={export}", "tls=require",
+             f"tls-psk={self.psk}", f"tls-username={IDENTITY}", "shared=true"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        holder.uri = f"nbd+unix:///?socket={sock}"  # writes through the attachment
+        return holder
+
+
+def nbdinfo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nbdinfo", *args], capture_output=True, text=True, timeout=30)
+
+
+def make_server(keys: Path, *extra: str, workdir: Path | None = None):
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="polyvol-storage-"))
+    server = StorageServer(workdir, keys)
+    try:
+        server.start(*extra)
+        yield server
+    finally:
+        server.stop()
+        leftover = nbdkit_pids(workdir)
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], check=False)
+        assert not leftover, f"nbdkit left running after the server stopped: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def server(keys):
+    yield from make_server(keys, "--reconnect-grace", "0")
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as connected:
+        yield connected
+
+
+def vid(n: int, server_name: str = "s1") -> str:
+    return volume_id(f"{n:032x}", server_name)
+
+
+def sid(n: int, server_name: str = "s1") -> str:
+    return snapshot_id(f"{n:032x}", server_name)
+
+
+def write_pattern(server: StorageServer, export: str, workdir: Path, seed: int) -> bytes:
+    pattern = bytes((seed + i) % 251 for i in range(MiB))
+    source = workdir / f"pattern-{seed}"
+    source.write_bytes(pattern)
+    subprocess.run(["nbdcopy", str(source), server.uri(export)], check=True, timeout=60)
+    return pattern
+
+
+def read_head(server: StorageServer, export: str, workdir: Path, length: int = MiB) -> bytes:
+    target = workdir / f"read-{export}"
+    subprocess.run(["nbdcopy", server.uri(export), str(target)], check=True, timeout=60)
+    return target.read_bytes()[:length]
+
+
+# --- the control API ---
+
+def test_volume_lifecycle_through_the_client(server, client):
+    info = client.get_info()
+    assert (info.name, dict(info.labels), info.nbd_address, info.nbd_tls, info.api_version) == \
+        ("s1", {"rack": "r1"}, f"127.0.0.1:{server.nbd_port}", True, 1)
+    assert info.version
+    before = client.get_capacity()
+    assert 0 < before.available_bytes <= before.total_bytes
+
+    volume = client.create_volume(vid(1), "pvc-a", 16 * MiB, {"fsType": "xfs"}, spread_group="kafka")
+    assert (volume.size_bytes, dict(volume.parameters), volume.spread_group, volume.in_use) == \
+        (16 * MiB, {"fsType": "xfs"}, "kafka", False)
+    again = client.create_volume(vid(1), "pvc-a", 16 * MiB, {"fsType": "xfs"}, spread_group="kafka")
+    assert again.created_at == volume.created_at
+    with pytest.raises(errors.AlreadyExists):
+        client.create_volume(vid(1), "pvc-a", 32 * MiB, {"fsType": "xfs"}, spread_group="kafka")
+    with pytest.raises(errors.AlreadyExists):
+        client.create_volume(vid(1), "pvc-a", 16 * MiB, {"fsType": "xfs"}, spread_group="other")
+    client.create_volume(vid(2), "pvc-b", 16 * MiB, {}, spread_group="elastic")
+    assert [v.volume_id for v in client.list_volumes("kafka")] == [vid(1)]
+    assert {v.volume_id for v in client.list_volumes()} >= {vid(1), vid(2)}
+    assert client.get_capacity().volumes >= 2
+    assert client.get_volume(vid(1)).name == "pvc-a"
+    assert {vid(1), vid(2)} <= set(server.exports())
+
+    assert client.expand_volume(vid(1), 24 * MiB).size_bytes == 24 * MiB
+    assert client.expand_volume(vid(1), 8 * MiB).size_bytes == 24 * MiB  # never shrinks
+    size = nbdinfo("--size", server.uri(vid(1)))
+    assert size.stdout.strip() == str(24 * MiB), size.stderr
+
+    pattern = write_pattern(server, vid(1), server.workdir, seed=7)
+    assert client.get_volume(vid(1)).allocated_bytes >= MiB
+    snap = client.create_snapshot(sid(1), "snap-a", vid(1))
+    assert (snap.source_volume_id, snap.size_bytes) == (vid(1), 24 * MiB)
+    assert client.create_snapshot(sid(1), "snap-a", vid(1)).created_at == snap.created_at
+    write_pattern(server, vid(1), server.workdir, seed=99)  # the snapshot must not change
+    assert [s.snapshot_id for s in client.list_snapshots()] == [sid(1)]
+
+    clone = client.create_volume(vid(3), "pvc-c", 32 * MiB, {}, source_snapshot_id=sid(1))
+    assert (clone.source_snapshot_id, clone.size_bytes) == (sid(1), 32 * MiB)
+    assert read_head(server, vid(3), server.workdir) == pattern
+    with pytest.raises(errors.OutOfRange):
+        client.create_volume(vid(4), "pvc-d", 8 * MiB, {}, source_snapshot_id=sid(1))
+    copy = client.create_volume(vid(5), "pvc-e", 24 * MiB, {}, source_volume_id=vid(1))
+    assert copy.source_volume_id == vid(1)
+    assert read_head(server, vid(5), server.workdir) == read_head(server, vid(1), server.workdir)
+
+    for volume_id_ in (vid(3), vid(5), vid(2)):
+        client.delete_volume(volume_id_)
+        client.delete_volume(volume_id_)  # already gone: still OK
+    client.delete_snapshot(sid(1))
+    client.delete_snapshot(sid(1))
+    with pytest.raises(errors.NotFound):
+        client.get_volume(vid(3))
+    with pytest.raises(errors.NotFound):
+        client.create_volume(vid(6), "pvc-f", 16 * MiB, {}, source_snapshot_id=sid(1))
+    assert client.list_snapshots() == []
+    exports = server.exports()
+    assert vid(1) in exports and not {vid(2), vid(3), vid(5), vid(6)} & set(exports)
+    client.delete_volume(vid(1))
+    assert vid(1) not in server.exports()
+    assert not (server.data_dir / "exports" / vid(1)).exists()
+    calls = [line for line in server.log_lines() if line.get("event") == "rpc"]
+    assert {"method": "DeleteVolume", "volume": vid(1), "code": "OK"}.items() <= calls[-1].items()
+
+
+def test_requests_are_validated_first(client):
+    cases = [
+        (lambda: client.create_volume("", "n", MiB, {}), "volume_id is required"),
+        (lambda: client.create_volume(vid(10), "", MiB, {}), "name is required"),
+        (lambda: client.create_volume(vid(10), "n", 0, {}), "positive multiple of 512"),
+        (lambda: client.create_volume(vid(10), "n", 1000, {}), "positive multiple of 512"),
+        (lambda: client.create_volume(vid(10), "n", MiB, {}, source_snapshot_id=sid(1),
+                                      source_volume_id=vid(1)), "not both"),
+        (lambda: client.create_volume(vid(10), "n", MiB, {}, source_volume_id=vid(10)), "cannot be"),
+        (lambda: client.create_volume(vid(10), "n", MiB, {}, source_snapshot_id=vid(1)), "rd-snap-"),
+        (lambda: client.expand_volume(vid(10), -512), "positive multiple of 512"),
+        (lambda: client.create_snapshot(sid(10), "s", ""), "source_volume_id is required"),
+        (lambda: client.create_snapshot(vid(10), "s", vid(1)), "rd-snap-<32 lowercase hex>-s1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(errors.InvalidArgument, match=message):
+            call()
+    assert vid(10) not in {v.volume_id for v in client.list_volumes()}
+
+
+def tree(directory: Path) -> dict:
+    """Every path below `directory` with its mtime, but the server's log."""
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns
+            for p in directory.rglob("*") if p.name != "server.log"}
+
+
+def test_ids_of_other_servers_or_paths_are_refused_and_touch_nothing(server, client):
+    client.create_volume(vid(20), "victim", 4 * MiB, {})
+    hex32 = "0" * 30 + "ab"
+    crafted = [vid(20, "s2"), f"rd-{hex32}-s1/../../x", f"../rd-{hex32}-s1", f"rd-{hex32}-s1/..",
+               "..", "/etc/passwd", f"rd-{hex32}-S1", f"rd-{hex32}-s1\0", f"rd-{hex32.upper()}-s1",
+               f"rd-snap-{hex32}-s1"]
+    before = tree(server.workdir)
+    for bad in crafted:
+        for call in (lambda: client.create_volume(bad, "x", MiB, {}),
+                     lambda: client.delete_volume(bad), lambda: client.get_volume(bad),
+                     lambda: client.expand_volume(bad, 2 * MiB),
+                     lambda: client.create_snapshot(sid(20), "x", bad),
+                     lambda: client.create_volume(vid(21), "x", MiB, {}, source_volume_id=bad)):
+            with pytest.raises((errors.InvalidArgument, errors.NotFound)):
+                call()
+    with pytest.raises(errors.InvalidArgument, match="belongs to storage server 's2'"):
+        client.delete_volume(vid(20, "s2"))
+    assert tree(server.workdir) == before
+    assert client.get_volume(vid(20)).size_bytes == 4 * MiB
+    client.delete_volume(vid(20))
+
+
+# --- authentication ---
+
+def test_control_api_refuses_clients_without_a_certificate_from_the_ca(server, keys, tmp_path):
+    ca = (keys / "tls" / "ca.crt").read_bytes()
+    for channel in (grpc.secure_channel(server.address, grpc.ssl_channel_credentials(root_certificates=ca),
+                                        options=(("grpc.ssl_target_name_override", "polyvol-storage"),)),
+                    grpc.insecure_channel(server.address)):
+        with channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                storage_pb2_grpc.StorageServerStub(channel).ListVolumes(
+                    storage_pb2.ListVolumesRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # A client certificate from another CA, presented to a server it trusts.
+    made = polyvol("storage", "certs", "--dir", str(tmp_path / "other"))
+    assert made.returncode == 0, made.stderr
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(keys / "tls" / "ca.crt", mixed / "ca.crt")
+    for name in ("client.crt", "client.key"):
+        shutil.copy(tmp_path / "other" / name, mixed / name)
+    with server.client(mixed) as impostor:
+        with pytest.raises(errors.Unavailable, match=server.address):
+            impostor.list_volumes()
+    # A storage server's own key is no client key: client certificates need clientAuth.
+    server_as_client = tmp_path / "server-as-client"
+    server_as_client.mkdir()
+    shutil.copy(keys / "tls" / "ca.crt", server_as_client / "ca.crt")
+    shutil.copy(keys / "tls" / "server.crt", server_as_client / "client.crt")
+    shutil.copy(keys / "tls" / "server.key", server_as_client / "client.key")
+    with server.client(server_as_client) as impostor:
+        with pytest.raises(errors.Unavailable):
+            impostor.delete_volume(vid(1))
+    # ...and a server presenting another CA's certificate is not trusted by the client.
+    with server.client(tmp_path / "other") as wrong_ca:
+        with pytest.raises(errors.Unavailable):
+            wrong_ca.get_info()
+    with server.client() as genuine:
+        assert genuine.get_info().name == "s1"
+
+
+def test_nbd_needs_the_psk(server, client, tmp_path):
+    client.create_volume(vid(30), "nbd", 4 * MiB, {})
+    ok = nbdinfo("--size", server.uri(vid(30)))
+    assert ok.returncode == 0 and ok.stdout.strip() == str(4 * MiB), ok.stderr
+    # Durability is the client's to ask for: flush and FUA must reach the file.
+    for feature in ("flush", "fua"):
+        assert nbdinfo("--can", feature, server.uri(vid(30))).returncode == 0
+
+    plain = nbdinfo("--size", f"nbd://127.0.0.1:{server.nbd_port}/{vid(30)}")
+    assert plain.returncode != 0
+    assert nbdinfo("--list", f"nbd://127.0.0.1:{server.nbd_port}/").returncode != 0
+    wrong = tmp_path / "wrong.psk"
+    assert polyvol("storage", "psk", "--identity", IDENTITY, "--out", str(wrong)).returncode == 0
+    assert nbdinfo("--size", server.uri(vid(30), psk=wrong)).returncode != 0
+    stranger = tmp_path / "stranger.psk"
+    assert polyvol("storage", "psk", "--identity", "stranger", "--out", str(stranger)).returncode == 0
+    assert nbdinfo("--size", server.uri(vid(30), psk=stranger, identity="stranger")).returncode != 0
+    client.delete_volume(vid(30))
+
+
+# --- attached volumes ---
+
+def test_attached_volume_cannot_be_deleted(server, client):
+    client.create_volume(vid(40), "busy", 4 * MiB, {})
+    reflink = [line for line in server.log_lines() if line.get("event") == "serving"][-1]["reflink"]
+    holder = server.hold_open(vid(40))
+    try:
+        wait_for(lambda: client.get_volume(vid(40)).in_use, 10, "the server to see the attach")
+        assert [v.in_use for v in client.list_volumes() if v.volume_id == vid(40)] == [True]
+        with pytest.raises(errors.FailedPrecondition, match="attached"):
+            client.delete_volume(vid(40))
+        if reflink:
+            client.create_snapshot(sid(40), "busy-snap", vid(40))
+            client.delete_snapshot(sid(40))
+        else:
+            with pytest.raises(errors.FailedPrecondition, match="reflink"):
+                client.create_snapshot(sid(40), "busy-snap", vid(40))
+            with pytest.raises(errors.FailedPrecondition, match="torn"):
+                client.create_volume(vid(41), "busy-clone", 4 * MiB, {}, source_volume_id=vid(40))
+            assert not (server.data_dir / "snapshots" / sid(40)).exists()
+            assert not (server.data_dir / "volumes" / vid(41)).exists()
+        assert vid(40) in server.exports()  # a refused delete leaves the export in place
+    finally:
+        holder.terminate()
+        holder.wait(10)
+    wait_for(lambda: not client.get_volume(vid(40)).in_use, 10, "the detach to be seen")
+    client.create_snapshot(sid(40), "idle-snap", vid(40))  # not in use: a plain copy is fine
+    client.delete_snapshot(sid(40))
+    client.delete_volume(vid(40))
+    assert vid(40) not in server.exports()
+
+
+def test_killed_nbdkit_is_restarted(keys):
+    for server in make_server(keys, "--reconnect-grace", "3"):
+        with server.client() as client:
+            client.create_volume(vid(50), "survivor", 4 * MiB, {})
+            [first] = nbdkit_pids(server.workdir)
+            os.kill(first, signal.SIGKILL)
+            wait_for(lambda: nbdinfo("--size", server.uri(vid(50))).returncode == 0, 10,
+                     "the export to come back")
+            assert nbdkit_pids(server.workdir) not in ([], [first])
+            wait_for(lambda: any(line["event"] == "nbdkit ready" and line["restarts"] == 1
+                                 for line in server.log_lines()), 5, "the server to see it")
+            # Nodes may still be reconnecting: no delete until the grace is over.
+            with pytest.raises(errors.Unavailable, match="reconnecting"):
+                client.delete_volume(vid(50))
+            assert vid(50) in server.exports()
+            wait_for(lambda: _deleted(client, vid(50)), 10, "the delete after the grace")
+        restarts = [line for line in server.log_lines() if line["event"] == "nbdkit exited; restarting"]
+        assert len(restarts) == 1 and restarts[0]["pid"] == first
+
+
+def _deleted(client, volume_id_) -> bool:
+    try:
+        client.delete_volume(volume_id_)
+        return True
+    except errors.Unavailable:
+        return False
+
+
+def test_killed_server_takes_nbdkit_along_and_a_restart_serves_its_volumes(keys):
+    for server in make_server(keys, "--reconnect-grace", "0"):
+        with server.client() as client:
+            client.create_volume(vid(60), "persistent", 4 * MiB, {})
+        pattern = write_pattern(server, vid(60), server.workdir, seed=3)
+        (server.data_dir / "exports" / vid(60)).unlink()  # as if a crash came mid-delete
+        (server.data_dir / "exports" / "stale").write_bytes(b"x")
+        server.stop(signal.SIGKILL)
+        wait_for(lambda: not nbdkit_pids(server.workdir), 5, "nbdkit to exit with its parent")
+
+        server.start("--insecure-nbd", "--reconnect-grace", "0")
+        assert any(line["level"] == "warning" and "WITHOUT TLS" in line["event"]
+                   for line in server.log_lines())
+        with server.client() as client:
+            assert client.get_info().nbd_tls is False
+            assert client.get_volume(vid(60)).size_bytes == 4 * MiB
+        plain = f"nbd://127.0.0.1:{server.nbd_port}/"
+        listing = json.loads(nbdinfo("--list", "--json", plain).stdout)
+        assert [e["export-name"] for e in listing["exports"]] == [vid(60)]
+        target = server.workdir / "plain-read"
+        subprocess.run(["nbdcopy", plain + vid(60), str(target)], check=True, timeout=60)
+        assert target.read_bytes()[:MiB] == pattern
+
+
+@pytest.mark.root
+def test_reflink_data_dir_snapshots_attached_volumes(keys):
+    """On xfs (reflink) a snapshot of an attached volume is an atomic clone: allowed, and a
+    point in time that later writes through the attachment do not change."""
+    workdir = Path(tempfile.mkdtemp(prefix="polyvol-storage-xfs-"))
+    image = Path(tempfile.mkdtemp(prefix="polyvol-storage-img-")) / "xfs.img"
+    data = workdir / "data"
+    data.mkdir()
+    subprocess.run(["truncate", "-s", "512M", str(image)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True, timeout=60)
+    subprocess.run(["mount", "-o", "loop", str(image), str(data)], check=True, timeout=60)
+    try:
+        for server in make_server(keys, "--reconnect-grace", "0", workdir=workdir):
+            assert [line for line in server.log_lines() if line["event"] == "serving"][-1]["reflink"]
+            with server.client() as client:
+                client.create_volume(vid(80), "reflinked", 4 * MiB, {})
+                before = write_pattern(server, vid(80), workdir, seed=11)
+                holder = server.hold_open(vid(80))
+                try:
+                    wait_for(lambda: client.get_volume(vid(80)).in_use, 10, "the attach")
+                    client.create_snapshot(sid(80), "while-attached", vid(80))
+                    after = bytes(reversed(before))
+                    (workdir / "after").write_bytes(after)
+                    subprocess.run(["nbdcopy", str(workdir / "after"), holder.uri],
+                                   check=True, timeout=60)
+                finally:
+                    holder.terminate()
+                    holder.wait(10)
+                client.create_volume(vid(81), "from-snap", 4 * MiB, {}, source_snapshot_id=sid(80))
+                assert read_head(server, vid(81), workdir) == before
+                assert read_head(server, vid(80), workdir) == after
+    finally:
+        subprocess.run(["umount", str(data)], check=False, timeout=60)
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(image.parent, ignore_errors=True)
+
+
+# --- the command line ---
+
+def test_storage_cli(server, client, keys, tmp_path):
+    client.create_volume(vid(70), "shown", 4 * MiB, {}, spread_group="g")
+    shown = polyvol("storage", "show", "--address", server.address, "--tls-dir", str(keys / "tls"))
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["info"]["name"] == "s1"
+    assert {"volumeId": vid(70), "spreadGroup": "g"}.items() <= \
+        [v for v in report["volumes"] if v["volumeId"] == vid(70)][0].items()
+    client.delete_volume(vid(70))
+
+    again = polyvol("storage", "certs", "--dir", str(keys / "tls"))
+    assert again.returncode != 0 and "--force" in again.stderr
+
+    psk = tmp_path / "keys.psk"
+    for identity in ("node-a", "node-b", "node-a"):
+        assert polyvol("storage", "psk", "--identity", identity, "--out", str(psk)).returncode == 0
+    lines = psk.read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == ["node-a", "node-b"]
+    assert all(len(line.split(":")[1]) == 64 for line in lines)
+    assert psk.stat().st_mode & 0o777 == 0o600
+    assert polyvol("storage", "psk", "--identity", "bad:name", "--out", str(psk)).returncode != 0
+
+    bad = polyvol("storage-server", "--name", "Not_A_Label", "--data-dir", str(tmp_path / "d"),
+                  "--listen", "127.0.0.1:1", "--nbd-listen", "127.0.0.1:2",
+                  "--tls-dir", str(keys / "tls"), "--nbd-psk-file", str(psk))
+    assert bad.returncode != 0 and "DNS label" in bad.stderr
+    assert not (tmp_path / "d").exists()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = polyvol("storage-server", "--name", "s9", "--data-dir", str(tmp_path / "d"),
+                       "--listen", f"127.0.0.1:{free_port()}",
+                       "--nbd-listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                       "--tls-dir", str(keys / "tls"), "--nbd-psk-file", str(psk))
+    assert busy.returncode != 0 and "nbdkit did not start" in busy.stderr, busy.stderr[-2000:]
+    assert not nbdkit_pids(tmp_path)
