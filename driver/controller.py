@@ -1,11 +1,13 @@
 """CSI Controller service: validates requests, picks the backend, shapes the answers."""
 
+import contextlib
+
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from . import fs
 from .backends import Registry
 from .backends.base import CreateRequest, Volume, choose_size
-from .errors import Aborted, InvalidArgument, NotFound
+from .errors import Aborted, InvalidArgument, NotFound, Unavailable
 from .locks import OperationLocks
 from .parameters import APP_REPLICAS, CTX_COPIES, CTX_TYPE, FS_TYPE, TYPE
 from .proto import csi_pb2, csi_pb2_grpc
@@ -43,7 +45,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             requisite_topology=[dict(t.segments) for t in request.accessibility_requirements.requisite],
             preferred_topology=[dict(t.segments) for t in request.accessibility_requirements.preferred],
             mutable_parameters=dict(request.mutable_parameters), secrets=dict(request.secrets))
-        with self.locks.hold(f"name/{request.name}", "CreateVolume"):
+        with self.locks.hold(f"name/{request.name}", "CreateVolume"), contextlib.ExitStack() as held:
+            if source_snapshot or source_volume:
+                # The copy reads the source: deleting it meanwhile must wait (ABORTED).
+                held.enter_context(self.locks.hold(source_snapshot or source_volume, "CreateVolume"))
             volume = backend.create_volume(create)
         return csi_pb2.CreateVolumeResponse(volume=_volume_message(volume))
 
@@ -177,11 +182,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetVolume(self, request, context):
         require(request.volume_id, "volume_id")
         backend = self.registry.for_id(request.volume_id)
-        volume = backend.get_volume(request.volume_id)
+        Status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus
+        try:
+            volume = backend.get_volume(request.volume_id)
+        except Unavailable as unreachable:
+            # The volume's storage cannot be asked about it: that is exactly what the
+            # condition is for (Kubernetes shows it as an abnormal volume event).
+            return csi_pb2.ControllerGetVolumeResponse(
+                volume=csi_pb2.Volume(volume_id=request.volume_id),
+                status=Status(volume_condition=csi_pb2.VolumeCondition(
+                    abnormal=True, message=str(unreachable))))
         return csi_pb2.ControllerGetVolumeResponse(
             volume=_volume_message(volume),
-            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-                volume_condition=_condition_message(backend.condition(request.volume_id))))
+            status=Status(volume_condition=_condition_message(backend.condition(request.volume_id))))
 
 
 def _fs_type(capabilities, class_fs: str) -> str:

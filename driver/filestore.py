@@ -92,6 +92,12 @@ class FileStore:
         if record is None:
             self.check_room(size_bytes)
             directory.mkdir(exist_ok=True)
+        elif (record["size_bytes"], record["source_snapshot_id"], record["source_volume_id"]) \
+                != (size_bytes, source_snapshot_id, source_volume_id):
+            # A crash left a half-made volume of another request (never answered) under this
+            # name: start again rather than hand out its data, or its size, to this one.
+            for leftover in (directory / DISK, directory / f"{DISK}.partial"):
+                leftover.unlink(missing_ok=True)
         record = {"volume_id": volume_id, "name": name, "size_bytes": size_bytes, "state": CREATING,
                   "source_snapshot_id": source_snapshot_id, "source_volume_id": source_volume_id,
                   "created_at": time.time(), **attributes}
@@ -161,6 +167,8 @@ class FileStore:
         if record is None:
             self.check_room(source["size_bytes"])
             directory.mkdir(exist_ok=True)
+        elif record["source_volume_id"] != source_volume_id:
+            (directory / DISK).unlink(missing_ok=True)  # a crashed snapshot of another volume
         record = {"snapshot_id": snapshot_id, "name": name, "source_volume_id": source_volume_id,
                   "size_bytes": source["size_bytes"], "created_at": time.time(), "state": CREATING}
         state.write_atomic(directory / META, record)

@@ -6,12 +6,13 @@ acts on the difference, so a retried or interrupted RPC converges on the same st
 
 import contextlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import command
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import CommandFailed, FailedPrecondition, InvalidArgument
 
 SUPPORTED_FS = ("ext4", "xfs")
 # mkfs.xfs in Debian 12 refuses filesystems smaller than 300 MiB.
@@ -31,13 +32,17 @@ class Mount:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal. Only those: other
+    # bytes (UTF-8 names) are left as they are, so "unicode_escape" would garble them.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field) if "\\" in field else field
 
 
-def mounts() -> list[Mount]:
+def mounts(mountinfo: str | None = None) -> list[Mount]:
+    """Every mount in this process's namespace; `mountinfo` is that file's text (tests pass their own)."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
     result = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    for line in mountinfo.splitlines():
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         result.append(Mount(int(fields[0]), fields[2], _unescape(fields[3]), _unescape(fields[4]),
@@ -96,7 +101,11 @@ def ensure_mounted(device: str, target: str, fstype: str, flags=()) -> None:
             return
         raise FailedPrecondition(f"{target} already has {present[-1].source} mounted on it")
     os.makedirs(target, exist_ok=True)
-    options = ",".join(["defaults", *flags])
+    # A restored snapshot or a clone carries its source's XFS UUID, and XFS refuses to mount
+    # a second filesystem with a UUID already mounted: the copy could never be used while
+    # its source is. (ceph-csi and TopoLVM mount XFS with nouuid for the same reason.)
+    extra = ["nouuid"] if fstype == "xfs" and "nouuid" not in flags else []
+    options = ",".join(["defaults", *extra, *flags])
     command.run(["mount", "-t", fstype, "-o", options, device, target])
 
 
@@ -155,9 +164,35 @@ def ensure_path_absent(path: str) -> None:
 def grow(device: str, mount_path: str, fstype: str) -> None:
     """Grow a mounted filesystem to the size of its device (a no-op when it already fills it)."""
     if fstype == "ext4":
-        command.run(["resize2fs", device])
+        try:
+            command.run(["resize2fs", device])
+        except CommandFailed as failed:
+            if "Permission denied to resize" not in failed.stderr:
+                raise
+            # The kernel lets only CAP_SYS_RESOURCE grow a mounted ext4 (EXT4_IOC_RESIZE_FS).
+            raise FailedPrecondition(
+                f"growing the mounted ext4 filesystem on {device} needs CAP_SYS_RESOURCE, which "
+                f"this plugin lacks: run it privileged (or add that capability), or unstage and "
+                f"stage the volume again, which grows it offline") from None
     elif fstype == "xfs":
         command.run(["xfs_growfs", mount_path])
+
+
+def grow_unmounted(device: str, fstype: str) -> None:
+    """Grow an unmounted ext4 to its device before mounting it: offline growth needs no
+    CAP_SYS_RESOURCE (online growth does) and handles a volume expanded while unstaged or
+    restored into a larger size. XFS can only grow mounted; `grow` does that."""
+    if fstype != "ext4":
+        return
+    header = command.run(["dumpe2fs", "-h", device]).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    fs_bytes = int(fields["Block count"]) * int(fields["Block size"])
+    if fs_bytes >= block_size_bytes(device):
+        return
+    # resize2fs wants a freshly checked filesystem; -p replays the journal (a snapshot of a
+    # mounted volume has one to replay) and fixes only what is safe without a human.
+    command.run(["e2fsck", "-f", "-p", device], ok_codes=(0, 1), timeout=3600)
+    command.run(["resize2fs", device], timeout=3600)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ Each step checks what the kernel already has first, so repeats and retries are h
 and a restarted plugin picks up devices and mounts it made before.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,10 +48,23 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         check_capability(request.volume_capability)
         backend = self.registry.for_id(request.volume_id)
         with self.locks.hold(request.volume_id, "NodeStageVolume"):
+            attached_before = backend.find_attachment(request.volume_id)
             attachment = backend.attach(request.volume_id, dict(request.volume_context))
-            if not is_block(request.volume_capability):
-                self._mount_filesystem(attachment.device, staging, request.volume_capability,
-                                       dict(request.volume_context))
+            try:
+                if not is_block(request.volume_capability):
+                    self._mount_filesystem(attachment.device, staging, request.volume_capability,
+                                           dict(request.volume_context))
+            except BaseException:
+                # The kubelet does not unstage after a failed stage, and an attached volume
+                # cannot be deleted: undo what this call did (never what an earlier one did).
+                if attached_before is None:
+                    with contextlib.suppress(Exception):
+                        ours = fs.device_number(attachment.device)
+                        if any(m.device == ours for m in fs.mounts_at(staging)):
+                            fs.ensure_unmounted(staging)
+                    with contextlib.suppress(Exception):
+                        backend.detach(request.volume_id)
+                raise
         _log.info("staged", volume_id=request.volume_id, device=attachment.device,
                   attach=attachment.method)
         return csi_pb2.NodeStageVolumeResponse()
@@ -59,21 +73,29 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _mount_filesystem(device: str, path: str, capability, volume_context: dict) -> None:
         fs_type = capability.mount.fs_type or volume_context.get(FS_TYPE) or DEFAULT_FS
         fs.ensure_formatted(device, fs_type)
-        fs.ensure_mounted(device, path, fs_type, capability.mount.mount_flags)
         # The device may be larger than the filesystem: expanded while unstaged, or restored
-        # from a smaller snapshot. Growing here makes that invisible to the pod.
-        fs.grow(device, path, fs_type)
+        # from a smaller snapshot. Growing here makes that invisible to the pod; offline
+        # while nothing has it mounted, since online ext4 growth needs CAP_SYS_RESOURCE.
+        if not fs.mounts_of_device(device):
+            fs.grow_unmounted(device, fs_type)
+        fs.ensure_mounted(device, path, fs_type, capability.mount.mount_flags)
+        if fs_type == "xfs":  # XFS grows only while mounted
+            fs.grow(device, path, fs_type)
 
     @method
     def NodeUnstageVolume(self, request, context):
         require(request.volume_id, "volume_id")
         staging = check_host_path(request.staging_target_path, "staging_target_path", self.publish_roots)
         with self.locks.hold(request.volume_id, "NodeUnstageVolume"):
-            fs.ensure_unmounted(staging)
             try:
                 backend = self.registry.for_id(request.volume_id)
             except NotFound:
+                fs.ensure_unmounted(staging)
                 return csi_pb2.NodeUnstageVolumeResponse()
+            # With its server dead, a remote volume's unmount would block for the whole
+            # reconnect window; the backend first makes sure it cannot.
+            backend.prepare_detach(request.volume_id)
+            fs.ensure_unmounted(staging)
             backend.detach(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -129,10 +151,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume = backend.create_volume(CreateRequest(
             name=request.volume_id, size_bytes=max(size, fs.MIN_FS_BYTES[parameters[FS_TYPE]]),
             parameters=parameters))
-        device = backend.attach(volume.volume_id, {}).device
         mount_path = str(self.ephemeral_dir / volume.volume_id)
-        self._mount_filesystem(device, mount_path, request.volume_capability, parameters)
-        fs.ensure_bind(mount_path, target, readonly, request.volume_capability.mount.mount_flags)
+        try:
+            device = backend.attach(volume.volume_id, {}).device
+            self._mount_filesystem(device, mount_path, request.volume_capability, parameters)
+            fs.ensure_bind(mount_path, target, readonly, request.volume_capability.mount.mount_flags)
+        except BaseException:
+            # Nobody unpublishes an inline volume whose publish failed: remove it again,
+            # unless a pod already uses it (this call repeated a publish that had worked).
+            in_use = fs.is_mounted(mount_path) and any(
+                t != mount_path for t in fs.bind_targets(mount_path))
+            if not in_use:
+                with contextlib.suppress(Exception):
+                    self._remove_if_ephemeral(request.volume_id)
+            raise
 
     def _local_backend(self) -> LocalBackend:
         for backend in self.registry.backends:
@@ -171,9 +203,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         backend, volume_id = self._node_volume(request.volume_id)
+        attachment = backend.find_attachment(volume_id)
+        if attachment is None:
+            raise NotFound(f"volume {request.volume_id} is not attached on node {self.node_id}")
         if not os.path.exists(request.volume_path):
             raise NotFound(f"volume_path {request.volume_path} does not exist on node {self.node_id}")
-        condition = backend.condition(volume_id)
+        check_host_path(request.volume_path, "volume_path", self.publish_roots)
+        self._check_holds(request.volume_path, attachment.device, request.volume_id)
+        condition = backend.node_condition(volume_id)
         status = csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)
         Usage = csi_pb2.VolumeUsage
         if os.path.isdir(request.volume_path):
@@ -186,18 +223,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 Usage(unit=Usage.INODES, total=used.total_inodes, used=used.used_inodes,
                       available=used.available_inodes)]
         else:
-            attachment = backend.find_attachment(volume_id)
-            if attachment is None:
-                raise NotFound(f"volume {request.volume_id} is not attached on node {self.node_id}")
             usage = [Usage(unit=Usage.BYTES, total=fs.block_size_bytes(attachment.device))]
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=status)
 
     def _node_volume(self, csi_volume_id: str):
         """The backend and polyvol volume id behind a CSI volume id (inline volumes included)."""
         try:
-            backend = self.registry.for_id(csi_volume_id)
-            backend.get_volume(csi_volume_id)
-            return backend, csi_volume_id
+            return self.registry.for_id(csi_volume_id), csi_volume_id
         except NotFound:
             local = self._local_backend_or_none()
             inline = local.lookup_name(csi_volume_id) if local else None
@@ -211,6 +243,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except FailedPrecondition:
             return None
 
+    @staticmethod
+    def _check_holds(volume_path: str, device: str, volume_id: str) -> None:
+        """volume_path must show this volume (its filesystem mounted there, or its device bound
+        there), so NodeGetVolumeStats and NodeExpandVolume never report or grow another one."""
+        if os.path.isdir(volume_path):
+            mounted = fs.mounts_at(volume_path)
+            if mounted and mounted[-1].device != fs.device_number(device):
+                raise FailedPrecondition(f"volume_path {volume_path} holds another filesystem "
+                                         f"({mounted[-1].source}), not volume {volume_id}")
+        elif volume_path not in fs.bind_targets(device):
+            raise FailedPrecondition(f"volume_path {volume_path} is not where block volume "
+                                     f"{volume_id} is published")
+
     @method
     def NodeExpandVolume(self, request, context):
         require(request.volume_id, "volume_id")
@@ -220,11 +265,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         backend, volume_id = self._node_volume(request.volume_id)
         if not os.path.exists(request.volume_path):
             raise NotFound(f"volume_path {request.volume_path} does not exist on node {self.node_id}")
+        # Checked after the lookups: csi-sanity wants NOT_FOUND for a path that does not exist.
+        check_host_path(request.volume_path, "volume_path", self.publish_roots)
         with self.locks.hold(request.volume_id, "NodeExpandVolume"):
-            backend.node_expand(volume_id, request.capacity_range.required_bytes)
             attachment = backend.find_attachment(volume_id)
             if attachment is None:
                 raise FailedPrecondition(f"volume {request.volume_id} is not staged on this node")
+            self._check_holds(request.volume_path, attachment.device, request.volume_id)
+            backend.node_expand(volume_id, request.capacity_range.required_bytes)
             mounted = fs.mounts_at(request.volume_path) if os.path.isdir(request.volume_path) else []
             if mounted:
                 fs.grow(attachment.device, request.volume_path, mounted[-1].fstype)

@@ -10,7 +10,10 @@ import grpc
 
 from . import DRIVER_NAME, __version__, log
 from .backends import Registry
+from .attach.nbd import NbdAttacher
 from .backends.local import LocalBackend
+from .backends.remote_disk import RemoteDiskBackend, ServerDirectory
+from .discovery import KubernetesServerDirectory
 from .controller import ControllerService
 from .errors import InvalidArgument
 from .identity import IdentityService
@@ -28,12 +31,32 @@ def socket_path(endpoint: str) -> str:
     return "/" + endpoint.removeprefix("unix://").lstrip("/")
 
 
+def _server_directory(storage_servers: str, selector: str, namespace: str, port: int):
+    if storage_servers and selector:
+        raise InvalidArgument("give --storage-servers or --storage-server-selector, not both")
+    if storage_servers:
+        return ServerDirectory(storage_servers)
+    if selector:
+        return KubernetesServerDirectory(namespace, selector, port)
+    return None
+
+
 def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, default_type: str,
                  publish_roots: list[str], max_volumes: int, local_reserve_bytes: int,
-                 workers: int = 16) -> grpc.Server:
+                 storage_servers: str = "", storage_server_selector: str = "",
+                 storage_server_namespace: str = "", storage_server_port: int = 0,
+                 storage_tls_dir: str = "", nbd_psk_file: str = "", nbd_psk_identity: str = "",
+                 nbd_attach: str = "auto", workers: int = 16) -> grpc.Server:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    registry = Registry([LocalBackend(state_dir, node_id, local_reserve_bytes)], default_type)
+    serves_node = role in ("node", "all")
+    remote = RemoteDiskBackend(
+        _server_directory(storage_servers, storage_server_selector, storage_server_namespace,
+                          storage_server_port),
+        storage_tls_dir or None,
+        attacher=NbdAttacher(state_dir, mode=nbd_attach) if serves_node else None,
+        psk_identity=nbd_psk_identity, psk_file=nbd_psk_file)
+    registry = Registry([LocalBackend(state_dir, node_id, local_reserve_bytes), remote], default_type)
     locks = OperationLocks()
 
     def readiness():
@@ -45,7 +68,7 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(serves_controller, readiness), server)
     if serves_controller:
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(registry, locks), server)
-    if role in ("node", "all"):
+    if serves_node:
         csi_pb2_grpc.add_NodeServicer_to_server(
             NodeService(registry, locks, node_id, state_dir, publish_roots, max_volumes), server)
     path = socket_path(endpoint)

@@ -102,7 +102,9 @@ def page(items: list, max_entries: int, starting_token: str, aborted_error):
         raise InvalidArgument("max_entries cannot be negative")
     start = 0
     if starting_token:
-        if not starting_token.isdigit() or int(starting_token) > len(items):
+        # isascii: str.isdigit() also accepts "²", which int() refuses (INTERNAL, not ABORTED).
+        if not (starting_token.isascii() and starting_token.isdigit()) \
+                or int(starting_token) > len(items):
             raise aborted_error(f"starting_token {starting_token!r} is not valid (any more); "
                                 f"list again from the start")
         start = int(starting_token)

@@ -10,7 +10,8 @@ def parse_size(text: str) -> int:
     text = text.strip()
     number = text.rstrip("KMGTikB")
     suffix = text[len(number):].removesuffix("B") if text.endswith("iB") else text[len(number):]
-    if not number.isdigit() or suffix not in _FACTORS:
+    # isascii: str.isdigit() also accepts "²" (int() then raises ValueError) and "٣".
+    if not (number.isascii() and number.isdigit()) or suffix not in _FACTORS:
         raise InvalidArgument(f"{text!r} is not a size; write bytes or a number with "
                               f"Ki, Mi, Gi, Ti (or k, M, G, T)")
     return int(number) * _FACTORS[suffix]

@@ -27,7 +27,7 @@ MiB = 1 << 20
 class Plugin:
     """A running `polyvol plugin`, with CSI stubs connected to it."""
 
-    def __init__(self, workdir: Path, extra_args=(), node_id: str = "node-test"):
+    def __init__(self, workdir: Path, extra_args=(), node_id: str = "node-test", argv_prefix=()):
         self.workdir = workdir
         self.node_id = node_id
         self.state_dir = workdir / "state"
@@ -37,11 +37,12 @@ class Plugin:
         self.endpoint = f"unix://{self.socket}"
         self.log_path = workdir / "plugin.log"
         self.extra_args = list(extra_args)
+        self.argv_prefix = list(argv_prefix)  # e.g. nsenter into a test network namespace
         self.process = None
         self.channel = None
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "driver.cli", "plugin", "--endpoint", self.endpoint,
+        argv = [*self.argv_prefix, sys.executable, "-m", "driver.cli", "plugin", "--endpoint", self.endpoint,
                 "--node-id", self.node_id, "--state-dir", str(self.state_dir),
                 "--publish-root", str(self.publish_root), "--default-type", "local-ephemeral",
                 "--log-level", "debug", *self.extra_args]
@@ -126,8 +127,16 @@ def capability(block: bool = False, fs_type: str = "", readonly: bool = False):
 
 
 def clean_up_below(directory: Path) -> None:
-    """Unmount everything below `directory` (deepest first) and detach loops backed by its files."""
+    """Detach loop devices backed by files below `directory`, then unmount everything below it
+    (deepest first). Loops go first: a loop over an nbdfuse file loses its backing path once
+    the FUSE mount is gone, and could no longer be recognised as ours."""
     prefix = str(directory) + "/"
+    listing = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"],
+                             capture_output=True, text=True, check=False).stdout
+    for loop in (json.loads(listing)["loopdevices"] if listing.strip() else []):
+        if (loop.get("back-file") or "").startswith(prefix):
+            # Still mounted? Then the kernel frees it (autoclear) at the unmount below.
+            subprocess.run(["losetup", "-d", loop["name"]], check=False, capture_output=True)
     for _ in range(5):
         targets = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                    if line.split()[4].startswith(prefix)]
@@ -135,11 +144,6 @@ def clean_up_below(directory: Path) -> None:
             break
         for target in sorted(targets, key=len, reverse=True):
             subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-    listing = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"],
-                             capture_output=True, text=True, check=False).stdout
-    for loop in (json.loads(listing)["loopdevices"] if listing.strip() else []):
-        if (loop.get("back-file") or "").startswith(prefix):
-            subprocess.run(["losetup", "-d", loop["name"]], check=False, capture_output=True)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ import grpc
 import pytest
 
 from conftest import REPO, Plugin
+from remote_lab import RemoteCluster
 from driver.proto import csi_pb2
 
 MiB = 1 << 20
@@ -102,10 +103,18 @@ class Case:
     plugin_args: tuple = ()
     # Skips that only this case may have (message -> reason), on top of ALLOWED_SKIPS.
     extra_allowed_skips: dict = field(default_factory=dict, compare=False)
-    # Starts what the class needs (a storage server, a Ceph cluster) in the given directory and
-    # yields extra plugin arguments; None when the plugin needs nothing else.
-    services: Callable[[Path], ContextManager[Sequence[str]]] | None = field(default=None,
-                                                                             compare=False)
+    # Starts what the class needs (storage servers, a Ceph cluster) in the given directory and
+    # yields (extra plugin arguments, argv prefix to start the plugin with, e.g. nsenter into
+    # the worker node's network namespace); None when the plugin needs nothing else.
+    services: Callable[[Path], ContextManager[tuple[Sequence[str], Sequence[str]]]] | None = \
+        field(default=None, compare=False)
+
+
+@contextlib.contextmanager
+def remote_disk_cluster(workdir: Path):
+    """Three storage servers and the worker node, each in its own network namespace."""
+    with RemoteCluster(workdir, servers=3) as cluster:
+        yield cluster.plugin_args, cluster.node_prefix
 
 
 CASES = [
@@ -116,6 +125,13 @@ CASES = [
          size=300 * MiB, must_run=("losetup", "mkfs.xfs"), must_not_run=("mkfs.ext4",)),
     Case("local-ephemeral-block", parameters={"type": "local-ephemeral"}, size=64 * MiB,
          access_type="block", must_run=("losetup",), must_not_run=("mkfs.ext4", "mkfs.xfs")),
+    # Through the user-space attach (qemu-storage-daemon TLS-PSK client -> nbdfuse -> loop),
+    # the path CI can test: the machine has no nbd kernel module.
+    Case("remote-disk-ext4", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
+         size=64 * MiB, must_run=("losetup", "mkfs.ext4", "nbdfuse"), services=remote_disk_cluster),
+    Case("remote-disk-block", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
+         size=64 * MiB, access_type="block", must_run=("losetup", "nbdfuse"),
+         must_not_run=("mkfs.ext4", "mkfs.xfs"), services=remote_disk_cluster),
 ]
 
 
@@ -197,8 +213,14 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def commands_run(plugin: Plugin) -> Counter:
-    return Counter(Path(str(entry["argv"][0])).name for entry in plugin.log_lines()
-                   if entry.get("event") == "command" and entry.get("argv"))
+    """Programs the plugin ran: short commands, and long-running attach helpers (nbdfuse, ...)."""
+    counted = Counter()
+    for entry in plugin.log_lines():
+        if entry.get("event") == "command" and entry.get("argv"):
+            counted[Path(str(entry["argv"][0])).name] += 1
+        elif entry.get("event") == "nbd helper started":
+            counted[entry.get("what", "")] += 1
+    return counted
 
 
 def leftovers(plugin: Plugin) -> list[str]:
@@ -243,8 +265,8 @@ def test_csi_sanity(case: Case, workdir: Path):
     junit = workdir / "sanity-junit.xml"
     output = workdir / "sanity-output.txt"
     with contextlib.ExitStack() as stack:
-        extra = list(stack.enter_context(case.services(workdir))) if case.services else []
-        plugin = Plugin(workdir, extra_args=[*case.plugin_args, *extra])
+        extra, prefix = stack.enter_context(case.services(workdir)) if case.services else ([], [])
+        plugin = Plugin(workdir, extra_args=[*case.plugin_args, *extra], argv_prefix=prefix)
         stack.callback(plugin.stop)
         plugin.start()
         # csi-sanity mkdirs these before each spec and fails if they exist: they must not yet.

@@ -6,8 +6,14 @@ detach are safe to repeat and a restarted plugin re-adopts the devices it made b
 
 import json
 import os
+import threading
 
 from .. import command
+
+# `losetup --find` picks the first free device and retries after 200 ms when another
+# process configured it first, holding that device open meanwhile (which defers a detach
+# of it). Concurrent attaches in this plugin would race for the same device; take turns.
+_attach_turn = threading.Lock()
 
 
 def _loops() -> list[dict]:
@@ -33,8 +39,9 @@ def ensure_attached(backing_file: str) -> str:
     existing = find(backing_file)
     if existing:
         return existing[0]
-    made = command.run(["losetup", "--find", "--show", "--direct-io=on",
-                        os.path.realpath(backing_file)])
+    with _attach_turn:
+        made = command.run(["losetup", "--find", "--show", "--direct-io=on",
+                            os.path.realpath(backing_file)])
     return made.stdout.strip()
 
 

@@ -131,6 +131,10 @@ class Backend(abc.ABC):
         """Whether the volume's data is reachable and intact, from where this plugin runs."""
 
     # --- node side ---
+    def node_condition(self, volume_id: str) -> Condition:
+        """Whether the volume works as attached on this node (NodeGetVolumeStats)."""
+        return self.condition(volume_id)
+
     @abc.abstractmethod
     def attach(self, volume_id: str, context: dict) -> Attachment:
         """Make the volume a block device on this node, or return the one already made."""
@@ -138,6 +142,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def find_attachment(self, volume_id: str) -> Attachment | None:
         """The existing block device of an attached volume, without attaching it."""
+
+    def prepare_detach(self, volume_id: str) -> None:
+        """Called before the node unmounts the volume: a backend whose device can hang (a dead
+        server) makes sure the unmount cannot block on it. Nothing to do for most."""
 
     @abc.abstractmethod
     def detach(self, volume_id: str) -> None:

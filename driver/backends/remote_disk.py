@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fs, log, placement
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..attach.nbd import NbdTarget
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..parameters import COMMON_KEYS, check_common
 from .base import HEALTHY, Attachment, Backend, Condition, CreateRequest, Snapshot, Volume, check_known_keys
 
@@ -83,10 +84,12 @@ class RemoteDiskBackend(Backend):
     id_prefix = PREFIX
 
     def __init__(self, directory: ServerDirectory | None, tls_dir: str | None, attacher=None,
-                 client_factory=None):
+                 psk_identity: str = "", psk_file: str = "", client_factory=None):
         self.directory = directory
         self.tls_dir = tls_dir
         self.attacher = attacher
+        self.psk_identity = psk_identity
+        self.psk_file = psk_file
         self._client_factory = client_factory or _default_client_factory
         self._clients: dict[str, object] = {}
         self._clients_lock = threading.Lock()
@@ -226,6 +229,8 @@ class RemoteDiskBackend(Backend):
         return None
 
     def list_volumes(self) -> list[Volume]:
+        if self.directory is None:
+            return []  # no servers configured: no remote disks (ListVolumes lists every class)
         return [self._volume(stored, info) for client, info in self._reachable().values()
                 for stored in client.list_volumes()]
 
@@ -245,8 +250,16 @@ class RemoteDiskBackend(Backend):
         if parameters:
             raise InvalidArgument(f"remote-disk snapshots take no parameters, got {sorted(parameters)}")
         server = self._parse_volume_id(source_volume_id)["server"]
-        stored = self._client(server).create_snapshot(
-            f"{PREFIX}-snap-{_digest(name)}-{server}", name, source_volume_id)
+        digest = _digest(name)
+        # Snapshot names are unique across the class: one taken under this name on another
+        # server (of another volume) makes this request a conflict, not a second snapshot.
+        for other, (client, _) in self._reachable().items():
+            if other != server and any(s.snapshot_id == f"{PREFIX}-snap-{digest}-{other}"
+                                       for s in client.list_snapshots()):
+                raise AlreadyExists(f"snapshot name {name!r} is already used on storage server "
+                                    f"{other} for another volume")
+        stored = self._client(server).create_snapshot(f"{PREFIX}-snap-{digest}-{server}", name,
+                                                      source_volume_id)
         return _snapshot(stored)
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot:
@@ -269,6 +282,8 @@ class RemoteDiskBackend(Backend):
         client.delete_snapshot(snapshot_id)
 
     def list_snapshots(self) -> list[Snapshot]:
+        if self.directory is None:
+            return []  # as list_volumes
         return [_snapshot(s) for client, _ in self._reachable().values() for s in client.list_snapshots()]
 
     def condition(self, volume_id: str) -> Condition:
@@ -296,12 +311,22 @@ class RemoteDiskBackend(Backend):
         host, _, port = address.rpartition(":")
         if not port.isdigit():
             raise InvalidArgument(f"{CTX_NBD_ADDRESS} {address!r} is not host:port")
-        return self._require_attacher().attach(volume_id, host.strip("[]"), int(port), volume_id,
-                                               tls=context.get(CTX_NBD_TLS, "true") == "true")
+        tls = context.get(CTX_NBD_TLS, "true") == "true"
+        if tls and not self.psk_file:
+            raise FailedPrecondition(f"{volume_id} is served over TLS-PSK but this node has no key; "
+                                     f"start the node plugin with --nbd-psk-file")
+        target = NbdTarget(host=host.strip("[]"), port=int(port), export=volume_id,
+                           psk_identity=self.psk_identity if tls else None,
+                           psk_key_file=self.psk_file if tls else None, tls=tls)
+        return self._require_attacher().attach(volume_id, target)
 
     def find_attachment(self, volume_id: str) -> Attachment | None:
         self._parse_volume_id(volume_id)
         return self._require_attacher().find(volume_id)
+
+    def prepare_detach(self, volume_id: str) -> None:
+        if VOLUME_ID.fullmatch(volume_id):
+            self._require_attacher().prepare_detach(volume_id)
 
     def detach(self, volume_id: str) -> None:
         if VOLUME_ID.fullmatch(volume_id):

@@ -1,6 +1,6 @@
 """The data plane: one supervised nbdkit serving every volume of the server over NBD.
 
-    nbdkit --foreground --exit-with-parent --pidfile P -i HOST -p PORT
+    nbdkit --foreground --pidfile P -i HOST -p PORT
            --tls=require --tls-psk=FILE file dir=EXPORTS
 
 - `file dir=EXPORTS` serves each regular file in EXPORTS as an export of the same name
@@ -10,10 +10,14 @@
 - `--tls=require --tls-psk=FILE`: plaintext and unknown or wrong keys are refused at the
   handshake. GnuTLS reads FILE at every handshake, so identities are added and revoked by
   editing the file, without a restart (measured with nbdkit 1.32).
-- `--exit-with-parent` (PR_SET_PDEATHSIG) stops nbdkit when the server dies, even by
-  SIGKILL. The kernel ties it to the parent *thread*, so nbdkit is always started from the
-  supervisor thread, which lives until `stop`. (Debian's nbdkit 1.32 was seen to set it even
-  without the flag in the foreground; the documented flag is what we rely on.)
+- nbdkit dies with the server by SIGKILL, sent by a watchdog process (driver.storage.watchdog)
+  that sees the server's end of a pipe close, and `stop` kills it too. Not SIGTERM: on SIGTERM
+  nbdkit shuts down gracefully and answers requests still in flight with ESHUTDOWN, which a
+  node's filesystem sees as EIO; after SIGKILL the node's NBD client reconnects and resends
+  (tests/test_remote_disk.py: kill -9 of the server under fsync'd writes, no error). nbdkit
+  in the foreground sets its parent-death signal to SIGTERM itself (seen with strace), which
+  is why a watchdog does the job. Writes nbdkit acknowledged are in the kernel's page cache
+  already, so killing it loses nothing.
 - `--pidfile` is written once nbdkit accepts connections: that is "ready".
 - No `--filter=fua fuamode=force`. NBD, like a disk with a volatile write cache, promises
   durability only for writes covered by a FLUSH or sent with FUA, and both reach the file
@@ -32,6 +36,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,8 +50,7 @@ FIRST_BACKOFF, MAX_BACKOFF = 0.5, 30.0
 # A run this long counts as healthy: the next crash restarts after FIRST_BACKOFF again.
 STABLE_SECONDS = 60.0
 READY_TIMEOUT = 20.0
-# nbdkit ignores SIGTERM while a node keeps a connection open; don't wait long for it.
-STOP_TIMEOUT = 3.0
+STOP_TIMEOUT = 10.0
 
 
 class Nbdkit:
@@ -67,7 +71,7 @@ class Nbdkit:
 
     def argv(self) -> list[str]:
         tls = ["--tls=require", f"--tls-psk={self.psk_file}"] if self.psk_file else ["--tls=off"]
-        return ["nbdkit", "--foreground", "--exit-with-parent", "--pidfile", str(self.pidfile),
+        return ["nbdkit", "--foreground", "--pidfile", str(self.pidfile),
                 "-i", self.host, "-p", str(self.port), *tls, "file", f"dir={self.exports_dir}"]
 
     def start(self) -> None:
@@ -103,11 +107,8 @@ class Nbdkit:
             self._stopping.set()
             process = self._process
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            process.kill()  # not terminate: see the module docstring
+            process.wait(STOP_TIMEOUT)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(STOP_TIMEOUT)
 
@@ -155,6 +156,7 @@ class Nbdkit:
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                            text=True, errors="replace", start_new_session=True)
                 self._process = process
+            watchdog_pipe = _start_watchdog(process.pid)
             started = time.monotonic()
             drain = threading.Thread(target=self._drain, args=(process,), name="nbdkit-stderr",
                                      daemon=True)
@@ -164,6 +166,7 @@ class Nbdkit:
                           tls=bool(self.psk_file), restarts=self.restarts)
             self._first_outcome.set()
             returncode = process.wait()
+            os.close(watchdog_pipe)  # the watchdog sees end of file and exits
             drain.join(1.0)  # so the exit is logged with nbdkit's last words
             ran = time.monotonic() - started
             with self._lock:
@@ -245,3 +248,16 @@ def add_psk_identity(path: Path, identity: str) -> None:
     body = "".join(f"{line}\n" for line in [*kept, f"{identity}:{secrets.token_hex(32)}"])
     # Replaced atomically: a running nbdkit reads the file at every handshake.
     write_file_atomic(path, body.encode(), 0o600)
+
+
+
+def _start_watchdog(pid: int) -> int:
+    """Start the watchdog that SIGKILLs `pid` when this process dies; return the pipe end to
+    keep open (and close once `pid` has exited)."""
+    read_end, write_end = os.pipe()  # not inheritable: nbdkit never holds the write end
+    try:
+        subprocess.Popen([sys.executable, "-m", "driver.storage.watchdog", str(pid)],
+                         stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(read_end)
+    return write_end
