@@ -101,7 +101,14 @@ class FileStore:
         record = {"volume_id": volume_id, "name": name, "size_bytes": size_bytes, "state": CREATING,
                   "source_snapshot_id": source_snapshot_id, "source_volume_id": source_volume_id,
                   "created_at": time.time(), **attributes}
-        state.write_atomic(directory / META, record)
+        if source is None:
+            # An empty sparse file is made in one quick step that is simply redone on a retry,
+            # so it needs no "creating" record (two fsyncs fewer on the common path): a crash
+            # before the record below leaves a directory without one, which nothing lists.
+            for leftover in (directory / DISK, directory / f"{DISK}.partial"):
+                leftover.unlink(missing_ok=True)
+        else:
+            state.write_atomic(directory / META, record)
         self._fill(directory / DISK, source, size_bytes, quiesce)
         record["state"] = READY
         state.write_atomic(directory / META, record)
