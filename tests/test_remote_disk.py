@@ -226,3 +226,32 @@ def test_volume_ids_crafted_to_reach_elsewhere_are_refused(cluster, crafted):
                 volume_id=f"rd-{digest}-{other}"), timeout=30)
     finally:
         delete(plugin, volume)
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
+def test_a_plugin_restart_keeps_attached_volumes_working(cluster, kill):
+    """The attach helpers outlive the plugin; the restarted plugin adopts them again."""
+    plugin = cluster.plugin
+    volume = create(plugin, f"pv-restart-{kill}", policy="preferred")
+    target = plugin.stage_and_publish(volume, "restart")
+    before = os.urandom(1 << 20)
+    Path(target, "before").write_bytes(before)
+    plugin.restart(kill=kill)
+    assert not stats(plugin, volume, target).volume_condition.abnormal
+    assert Path(target, "before").read_bytes() == before
+    with open(Path(target, "after"), "wb") as out:
+        out.write(b"written after the restart")
+        os.fsync(out.fileno())
+    # Staging again after the restart is a no-op on the adopted attachment, not a second one.
+    attach_dir = plugin.state_dir / "attach"
+    helpers_before = sorted(p.name for p in attach_dir.iterdir())
+    plugin.stage_and_publish(volume, "restart")
+    assert sorted(p.name for p in attach_dir.iterdir()) == helpers_before
+    plugin.unpublish_and_unstage(volume.volume_id, "restart")
+    leftover = subprocess.run(["pgrep", "-f", f"attach/{volume.volume_id}"], capture_output=True,
+                              text=True).stdout.split()
+    assert not leftover, f"attach helpers still running after unstage: {leftover}"
+    target = plugin.stage_and_publish(volume, "restart")
+    assert Path(target, "after").read_bytes() == b"written after the restart"
+    plugin.unpublish_and_unstage(volume.volume_id, "restart")
+    delete(plugin, volume)
