@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import grpc
 
 from .proto import csi_pb2, csi_pb2_grpc
+from .rpc import content_source
 from .units import format_size, parse_size
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
@@ -184,13 +185,7 @@ def _create(args) -> int:
             parameters["type"] = args.class_type
         if args.fs:
             parameters["fsType"] = args.fs
-        source = None
-        if args.from_snapshot:
-            source = csi_pb2.VolumeContentSource(
-                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=args.from_snapshot))
-        elif args.from_volume:
-            source = csi_pb2.VolumeContentSource(
-                volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=args.from_volume))
+        source = content_source(args.from_snapshot, args.from_volume)
         made = stubs.call(stubs.controller.CreateVolume, csi_pb2.CreateVolumeRequest(
             name=args.name, capacity_range=csi_pb2.CapacityRange(required_bytes=args.size),
             volume_capabilities=[_capability(args.block, args.fs)], parameters=parameters,

@@ -11,7 +11,7 @@ from .errors import Aborted, InvalidArgument, NotFound, Unavailable
 from .locks import OperationLocks
 from .parameters import APP_REPLICAS, CTX_COPIES, CTX_TYPE, FS_TYPE, TYPE
 from .proto import csi_pb2, csi_pb2_grpc
-from .rpc import check_capabilities, check_capability, is_block, method, page, require
+from .rpc import check_capabilities, content_source, check_capability, is_block, method, page, require
 
 Cap = csi_pb2.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (
@@ -228,16 +228,9 @@ def _volume_message(volume: Volume) -> csi_pb2.Volume:
                FS_TYPE: volume.parameters.get(FS_TYPE, ""), **volume.context}
     if APP_REPLICAS in volume.parameters:
         context[APP_REPLICAS] = volume.parameters[APP_REPLICAS]
-    source = None
-    if volume.source_snapshot_id:
-        source = csi_pb2.VolumeContentSource(
-            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=volume.source_snapshot_id))
-    elif volume.source_volume_id:
-        source = csi_pb2.VolumeContentSource(
-            volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume.source_volume_id))
     return csi_pb2.Volume(
         volume_id=volume.volume_id, capacity_bytes=volume.size_bytes, volume_context=context,
-        content_source=source,
+        content_source=content_source(volume.source_snapshot_id, volume.source_volume_id),
         accessible_topology=[csi_pb2.Topology(segments=s) for s in volume.topology])
 
 

@@ -1,8 +1,6 @@
 """Assemble and serve the CSI plugin: backends, services, the gRPC server."""
 
 import os
-import signal
-import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from .identity import IdentityService
 from .locks import OperationLocks
 from .node import NodeService
 from .proto import csi_pb2_grpc
+from .signals import termination_event
 
 _log = log.get("plugin")
 ROLES = ("controller", "node", "all")
@@ -85,13 +84,5 @@ def serve(**options) -> None:
     _log.info("serving", driver=DRIVER_NAME, version=__version__, endpoint=options["endpoint"],
               role=options["role"], node_id=options["node_id"], state_dir=options["state_dir"],
               classes=options["default_type"])
-    stopping = threading.Event()
-
-    def stop(signum, frame):
-        _log.info("stopping", signal=signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    stopping.wait()
+    termination_event().wait()
     server.stop(grace=10).wait()

@@ -130,3 +130,13 @@ def check_host_path(path: str, field: str, allowed_roots: list[str]) -> str:
             return normal
     raise InvalidArgument(f"{field} {path!r} is outside the directories this plugin may use "
                           f"({', '.join(allowed_roots)}); see --publish-root")
+
+
+def content_source(snapshot_id: str = "", volume_id: str = ""):
+    """A VolumeContentSource naming a snapshot or a volume, or None for neither."""
+    Source = csi_pb2.VolumeContentSource
+    if snapshot_id:
+        return Source(snapshot=Source.SnapshotSource(snapshot_id=snapshot_id))
+    if volume_id:
+        return Source(volume=Source.VolumeSource(volume_id=volume_id))
+    return None

@@ -23,8 +23,6 @@ import contextlib
 import ipaddress
 import os
 import re
-import signal
-import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from ..filestore import FileStore
 from ..locks import OperationLocks
 from ..proto import storage_pb2, storage_pb2_grpc
 from ..rpc import method, require
+from ..signals import termination_event
 from . import (DEFAULT_RECONNECT_GRACE, check_server_name, server_of, snapshot_id_pattern, tls,
                volume_id_pattern)
 from .nbdkit import Nbdkit, read_psk_identities
@@ -379,14 +378,7 @@ def serve(*, name: str, data_dir: str, listen: str, nbd_listen: str, nbd_adverti
                                reflink=reflink_supported(root), reconnect_grace=reconnect_grace)
     servicer.reconcile_exports()
 
-    stopping = threading.Event()
-
-    def stop(signum, frame):
-        _log.info("stopping", signal=signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = termination_event()
     nbdkit.start()
     try:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
