@@ -31,8 +31,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY driver ./driver
 
-# `kubernetes` is the client the controller uses to find storage-server pods
-# (driver/discovery.py imports it lazily, inside a cluster only); pyproject does not list it.
+# `kubernetes` (the client the controller uses to find storage-server pods) is a dependency
+# in pyproject (>=30); naming it here again only pins the release the image is built with.
 ARG KUBERNETES_CLIENT_VERSION=37.0.2
 RUN python3.11 -m venv /build-venv \
     && /build-venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels \
@@ -53,8 +53,8 @@ FROM ${DEBIAN_IMAGE}
 #   nbd-client           kernel NBD attach, when the node has the nbd module
 #   qemu-system-common   qemu-storage-daemon (the TLS-PSK NBD client that reconnects)
 #   qemu-block-extra     qemu's rbd block driver (the Ceph classes' user-space attach)
-#   ceph-common          rbd/ceph commands, librados/librbd and python3-rados/python3-rbd
-#                        (the Ceph backend in progress, issue 4)
+#   ceph-common          rbd (krbd map/unmap), librados/librbd and python3-rados/python3-rbd
+#                        (the Ceph backend, issue 4)
 #   python3.11           the interpreter (Debian 12's own)
 #   ca-certificates      the Kubernetes API's CA is mounted, but keep the system store sane
 # Versions are not pinned: Debian 12 ships only security fixes, and an exact pin breaks the
@@ -70,14 +70,21 @@ RUN apt-get update \
         ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# A virtualenv that also sees Debian's site-packages, so the Ceph bindings (python3-rados,
-# python3-rbd, compiled for this very Python 3.11) import without copying .so files around.
+# The virtualenv gets only polyvol's wheels; Ceph's Python bindings (python3-rados and
+# python3-rbd, one extension module each, built for this very Python 3.11) are linked in
+# through a .pth directory, as scripts/setup.sh does. Not --system-site-packages: pip would
+# then take Debian's older python3-requests (a ceph-common dependency) as already installed.
 COPY --from=build /wheels /wheels
 ARG KUBERNETES_CLIENT_VERSION=37.0.2
-RUN python3.11 -m venv --system-site-packages /opt/polyvol \
+RUN python3.11 -m venv /opt/polyvol \
     && /opt/polyvol/bin/pip install --no-cache-dir --disable-pip-version-check --no-index \
         --find-links /wheels polyvol "kubernetes==${KUBERNETES_CLIENT_VERSION}" \
     && rm -rf /wheels \
+    && mkdir /opt/polyvol/ceph-bindings \
+    && ln -s /usr/lib/python3/dist-packages/rados.cpython-311-*.so \
+        /usr/lib/python3/dist-packages/rbd.cpython-311-*.so /opt/polyvol/ceph-bindings/ \
+    && echo /opt/polyvol/ceph-bindings > /opt/polyvol/lib/python3.11/site-packages/polyvol-ceph.pth \
+    && /opt/polyvol/bin/python -c 'import rados, rbd, kubernetes, driver.plugin' \
     && /opt/polyvol/bin/polyvol --version
 
 # The unprivileged identity for the controller and the storage server (the manifests run

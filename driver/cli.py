@@ -2,10 +2,11 @@
 
 import argparse
 import os
+import re
 import socket
 import sys
 
-from . import __version__, log
+from . import DRIVER_NAME, __version__, log
 from .errors import PolyvolError
 from .units import parse_size
 
@@ -23,6 +24,11 @@ def _plugin_parser(commands) -> None:
                         help="where local volumes and the plugin's records live")
     plugin.add_argument("--role", choices=("controller", "node", "all"), default="all",
                         help="which CSI services to serve")
+    plugin.add_argument("--driver-name", default=DRIVER_NAME, type=_driver_name,
+                        help=f"the CSI driver name (default {DRIVER_NAME}); a cluster runs "
+                             f"local-ephemeral under a name of its own, see docs/install.md")
+    plugin.add_argument("--types", default="", type=_type_list, metavar="TYPE,...",
+                        help="serve only these StorageClass types (default: all)")
     plugin.add_argument("--default-type", default="",
                         help="StorageClass type to use when a request names none "
                              "(for CSI clients that send no parameters)")
@@ -52,8 +58,26 @@ def _plugin_parser(commands) -> None:
                      help="which identity of the PSK file this node uses")
     nbd.add_argument("--nbd-attach", choices=("auto", "kernel", "userspace"), default="auto",
                      help="kernel NBD when the node has it (auto), or force one path")
+    ceph = plugin.add_argument_group("replicated and erasure-coded (Ceph RBD)")
+    ceph.add_argument("--ceph-config", default="", metavar="FILE",
+                      help='JSON {"clusters": [{"clusterID": "c1", "monitors": ["10.0.0.1:6789"]}]} '
+                           "(or ceph-csi's config.json list): the monitors of each StorageClass "
+                           "clusterID; re-read on change. cephx keys come from the request secrets")
+    ceph.add_argument("--rbd-attach", choices=("auto", "krbd", "userspace"), default="auto",
+                      help="kernel RBD (krbd) when the node has it (auto), or force one path")
     plugin.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     plugin.set_defaults(run=_run_plugin)
+
+
+def _driver_name(text: str) -> str:
+    # CSI: a domain-name-like string of at most 63 characters, ending in a letter or digit.
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid CSI driver name")
+    return text
+
+
+def _type_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _run_plugin(args) -> int:
@@ -69,7 +93,8 @@ def _run_plugin(args) -> int:
                  storage_server_namespace=args.storage_server_namespace,
                  storage_server_port=args.storage_server_port, storage_tls_dir=args.storage_tls_dir,
                  nbd_psk_file=args.nbd_psk_file, nbd_psk_identity=args.nbd_psk_identity,
-                 nbd_attach=args.nbd_attach)
+                 nbd_attach=args.nbd_attach, ceph_config=args.ceph_config,
+                 rbd_attach=args.rbd_attach, driver_name=args.driver_name, types=args.types)
     return 0
 
 

@@ -129,7 +129,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self.locks.hold(f"snapshot-name/{request.name}", "CreateSnapshot"), \
                 self.locks.hold(request.source_volume_id, "CreateSnapshot"):
             snapshot = backend.create_snapshot(request.source_volume_id, request.name,
-                                               dict(request.parameters))
+                                               snapshot_parameters(request.parameters))
         return csi_pb2.CreateSnapshotResponse(snapshot=_snapshot_message(snapshot))
 
     @method
@@ -198,16 +198,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
 
 def _fs_type(capabilities, class_fs: str) -> str:
-    """The filesystem to make: the capability's fs_type (what Kubernetes sends as
-    csi.storage.k8s.io/fstype) must agree with the class's fsType when both are set."""
+    """The filesystem to make: the capability's fs_type (what Kubernetes sends from the
+    StorageClass's csi.storage.k8s.io/fstype) wins over the class's fsType parameter."""
     asked = {c.mount.fs_type for c in capabilities if c.WhichOneof("access_type") == "mount"
              and c.mount.fs_type}
     if len(asked) > 1:
         raise InvalidArgument(f"volume_capabilities ask for different filesystems: {sorted(asked)}")
-    if asked:
-        fs_type = asked.pop()
-        return fs_type
-    return class_fs
+    return asked.pop() if asked else class_fs
+
+
+def snapshot_parameters(parameters) -> dict:
+    """VolumeSnapshotClass parameters without the keys the external-snapshotter adds with
+    --extra-create-metadata (the snapshot's name and namespace): those describe, not configure."""
+    return {k: v for k, v in parameters.items() if not k.startswith("csi.storage.k8s.io/")}
 
 
 def _content_source(request, backend, registry: Registry) -> tuple[str, str]:

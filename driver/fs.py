@@ -208,6 +208,11 @@ def frozen(mount_path: str | None):
         command.run(["fsfreeze", "--unfreeze", mount_path])
 
 
+def thaw(mount_path: str) -> None:
+    """Undo a freeze; a filesystem that is not frozen answers EINVAL (exit 1), which is fine."""
+    command.run(["fsfreeze", "--unfreeze", mount_path], ok_codes=(0, 1))
+
+
 @dataclass
 class Usage:
     total_bytes: int

@@ -1,6 +1,6 @@
 """CSI Identity service: who the plugin is, what it offers, whether it is ready."""
 
-from . import DRIVER_NAME, __version__
+from . import __version__
 from .proto import csi_pb2, csi_pb2_grpc
 from .rpc import method
 
@@ -8,13 +8,14 @@ Service = csi_pb2.PluginCapability.Service
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, serves_controller: bool, readiness):
+    def __init__(self, driver_name: str, serves_controller: bool, readiness):
+        self.driver_name = driver_name
         self.serves_controller = serves_controller
         self.readiness = readiness  # callable returning (ready, reason)
 
     @method
     def GetPluginInfo(self, request, context):
-        return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=__version__)
+        return csi_pb2.GetPluginInfoResponse(name=self.driver_name, vendor_version=__version__)
 
     @method
     def GetPluginCapabilities(self, request, context):

@@ -9,6 +9,8 @@ import grpc
 from . import DRIVER_NAME, __version__, log
 from .backends import Registry
 from .attach.nbd import NbdAttacher
+from .attach.rbd import RbdAttacher
+from .backends.ceph import CephBackend, ClusterDirectory
 from .backends.local import LocalBackend
 from .backends.remote_disk import RemoteDiskBackend, ServerDirectory
 from .discovery import KubernetesServerDirectory
@@ -45,17 +47,33 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
                  storage_servers: str = "", storage_server_selector: str = "",
                  storage_server_namespace: str = "", storage_server_port: int = 0,
                  storage_tls_dir: str = "", nbd_psk_file: str = "", nbd_psk_identity: str = "",
-                 nbd_attach: str = "auto", workers: int = 16) -> grpc.Server:
+                 nbd_attach: str = "auto", ceph_config: str = "", rbd_attach: str = "auto",
+                 driver_name: str = DRIVER_NAME, types: list[str] | None = None,
+                 workers: int = 16) -> grpc.Server:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     serves_node = role in ("node", "all")
-    remote = RemoteDiskBackend(
-        _server_directory(storage_servers, storage_server_selector, storage_server_namespace,
-                          storage_server_port),
-        storage_tls_dir or None,
-        attacher=NbdAttacher(state_dir, mode=nbd_attach) if serves_node else None,
-        psk_identity=nbd_psk_identity, psk_file=nbd_psk_file)
-    registry = Registry([LocalBackend(state_dir, node_id, local_reserve_bytes), remote], default_type)
+    # Only the backends this plugin serves are built: each opens (and tidies) its own state,
+    # which another plugin on the same node may own (one per CSI driver name).
+    makers = {
+        LocalBackend.types: lambda: LocalBackend(state_dir, node_id, local_reserve_bytes),
+        RemoteDiskBackend.types: lambda: RemoteDiskBackend(
+            _server_directory(storage_servers, storage_server_selector, storage_server_namespace,
+                              storage_server_port),
+            storage_tls_dir or None,
+            attacher=NbdAttacher(state_dir, mode=nbd_attach) if serves_node else None,
+            psk_identity=nbd_psk_identity, psk_file=nbd_psk_file),
+        CephBackend.types: lambda: CephBackend(
+            ClusterDirectory(ceph_config, state_dir),
+            attacher=RbdAttacher(state_dir, mode=rbd_attach) if serves_node else None),
+    }
+    known = {t for served in makers for t in served}
+    unknown = sorted(set(types or ()) - known)
+    if unknown:
+        raise InvalidArgument(f"--types: unknown type(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
+    backends = [make() for served, make in makers.items() if not types or set(served) & set(types)]
+    registry = Registry(backends, default_type)
     locks = OperationLocks()
 
     def readiness():
@@ -64,7 +82,7 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     serves_controller = role in ("controller", "all")
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(serves_controller, readiness), server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(driver_name, serves_controller, readiness), server)
     if serves_controller:
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(registry, locks), server)
     if serves_node:
@@ -81,7 +99,7 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
 def serve(**options) -> None:
     server = build_server(**options)
     server.start()
-    _log.info("serving", driver=DRIVER_NAME, version=__version__, endpoint=options["endpoint"],
+    _log.info("serving", driver=options.get("driver_name", DRIVER_NAME), version=__version__, endpoint=options["endpoint"],
               role=options["role"], node_id=options["node_id"], state_dir=options["state_dir"],
               classes=options["default_type"])
     termination_event().wait()

@@ -1,5 +1,7 @@
 """What every CSI method shares: error mapping, the per-RPC log line, request checks."""
 
+import contextlib
+import contextvars
 import functools
 import os
 import time
@@ -12,6 +14,27 @@ from .fs import SUPPORTED_FS
 from .proto import csi_pb2
 
 _log = log.get("rpc")
+# The CSI secrets of the request being served (never logged). Backends that authenticate to
+# their storage with them (Ceph: cephx userID/userKey) read them here, so the Backend
+# interface does not have to carry them through every call.
+_request_secrets: contextvars.ContextVar[dict] = contextvars.ContextVar("request_secrets", default={})
+
+
+def request_secrets() -> dict:
+    """The secrets of the CSI request this thread is serving ({} outside one, or none sent)."""
+    return dict(_request_secrets.get())
+
+
+@contextlib.contextmanager
+def secrets_of_request(secrets: dict):
+    """Serve the block as a request carrying `secrets` (for callers outside a CSI method)."""
+    token = _request_secrets.set(dict(secrets))
+    try:
+        yield
+    finally:
+        _request_secrets.reset(token)
+
+
 AccessMode = csi_pb2.VolumeCapability.AccessMode.Mode
 SINGLE_NODE_MODES = frozenset({
     AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_READER_ONLY,
@@ -40,6 +63,7 @@ def method(fn):
     def wrapper(self, request, context):
         started = time.monotonic()
         code, message, response = grpc.StatusCode.OK, "", None
+        secrets_token = _request_secrets.set(dict(getattr(request, "secrets", None) or {}))
         with command.accounting() as spent:
             try:
                 response = fn(self, request, context)
@@ -48,6 +72,8 @@ def method(fn):
             except Exception as error:  # noqa: BLE001 - the one place unknown errors are caught
                 code, message = grpc.StatusCode.INTERNAL, f"internal error: {error}"
                 _log.error("unexpected error", method=name, exc_info=True)
+            finally:
+                _request_secrets.reset(secrets_token)
         fields = {"method": name, "volume": _subject(request), "code": code.name,
                   "ms": round((time.monotonic() - started) * 1000, 1),
                   "command_ms": round(spent.seconds * 1000, 1)}

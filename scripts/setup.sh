@@ -29,6 +29,9 @@ APT_PACKAGES=(
     iproute2
     # data-integrity and performance tests
     fio
+    # Ceph (replicated and erasure-coded classes): the single-host test cluster's daemons, the
+    # rbd/ceph commands (krbd map, lock fencing), the librados/librbd Python bindings
+    ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
     # the virtualenv, when the machine has no other Python 3.11
     python3.11 python3.11-venv
 )
@@ -98,6 +101,22 @@ if ! venv_ok; then
     venv_ok || { say "the virtualenv still does not import polyvol and its dev tools"; exit 1; }
 fi
 
+# --- Ceph's Python bindings in the virtualenv ---------------------------------------------
+# Debian's python3-rados/python3-rbd are single extension modules built for CPython 3.11.
+# Link just those two files into a directory of the venv named by a .pth file (not the whole
+# of dist-packages: Debian's other modules must not shadow the venv's).
+ceph_dir="$VENV/ceph-bindings"
+ceph_pth="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/polyvol-ceph.pth"
+mkdir -p "$ceph_dir"
+for module in rados rbd; do
+    so="$(ls /usr/lib/python3/dist-packages/"$module".cpython-311-*.so 2>/dev/null | head -n 1)"
+    [[ -n "$so" ]] || { say "python3-$module has no CPython 3.11 module in /usr/lib/python3/dist-packages"; exit 1; }
+    [[ "$(readlink "$ceph_dir/$(basename "$so")" || true)" == "$so" ]] || ln -sfn "$so" "$ceph_dir/$(basename "$so")"
+done
+[[ "$(cat "$ceph_pth" 2>/dev/null || true)" == "$ceph_dir" ]] || printf '%s\n' "$ceph_dir" >"$ceph_pth"
+"$VENV/bin/python" -c 'import rados, rbd' >>"$LOG" 2>&1 ||
+    { say "the virtualenv cannot import Ceph's rados/rbd modules (see $LOG)"; tail -n 20 "$LOG" >&2; exit 1; }
+
 # --- Go and csi-sanity -----------------------------------------------------------------
 # Go (>= 1.25 for csi-test v5.6.0) comes with the machine; look in the usual places too.
 export PATH="$PATH:/usr/local/go/bin"
@@ -112,4 +131,20 @@ if ! sanity_ok; then
     sanity_ok || { say "$BIN/csi-sanity is not $CSI_SANITY_MODULE $CSI_SANITY_VERSION"; exit 1; }
 fi
 
-say "ok (Debian packages, .venv, csi-sanity $CSI_SANITY_VERSION)"
+# --- kustomize and helm (tests/test_manifests.py renders deploy/ and charts/polyvol) -----
+# Built from their Go modules at pinned versions (kustomize v5.8.3 needs Go 1.27).
+GO_TOOLS=(
+    "sigs.k8s.io/kustomize/kustomize/v5 v5.8.2 kustomize"
+    "helm.sh/helm/v3 v3.22.0 helm"
+)
+for tool in "${GO_TOOLS[@]}"; do
+    read -r module version binary <<<"$tool"
+    if ! grep -aqF "$(printf 'mod\t%s\t%s\t' "$module" "$version")" "$BIN/$binary" 2>/dev/null; then
+        command -v go >/dev/null || { say "go not found (needed to build $binary)"; exit 1; }
+        say "building $binary $version into .work/bin"
+        package="$module"; [[ "$binary" == helm ]] && package="$module/cmd/helm"
+        quietly env GOBIN="$BIN" go install "$package@$version"
+    fi
+done
+
+say "ok (Debian packages, .venv with Ceph bindings, csi-sanity $CSI_SANITY_VERSION)"

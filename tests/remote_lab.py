@@ -35,12 +35,19 @@ def polyvol(*args: str) -> None:
 
 
 class RemoteCluster:
-    def __init__(self, workdir: Path, servers: int = 3, reconnect_grace: int = 0):
+    def __init__(self, workdir: Path, servers: int = 3, reconnect_grace: int = 0,
+                 insecure_nbd=()):
         self.workdir = Path(workdir)
+        # Servers (by name) started with --insecure-nbd: NBD without TLS, the explicit opt-out
+        # for a trusted storage network. Their volume context says nbd-tls=false, and the
+        # node attaches them in plaintext.
+        self.insecure_nbd = set(insecure_nbd)
         # After a (re)start a server refuses deletes and plain copies for this long, since a
         # node may still be reconnecting to a volume; fresh test servers have no such nodes.
         self.reconnect_grace = reconnect_grace
         self.names = [f"srv{i}" for i in range(1, servers + 1)]
+        if not self.insecure_nbd <= set(self.names):
+            raise ValueError(f"insecure_nbd names unknown servers: {sorted(self.insecure_nbd)}")
         self.lab = NetLab(["node", *self.names])
         self.tls_dir = self.workdir / "tls"
         self.psk_file = self.workdir / "nbd.psk"
@@ -80,7 +87,8 @@ class RemoteCluster:
             "--data-dir", str(self.data_dir(name)), "--listen", f"{address}:{CONTROL_PORT}",
             "--nbd-listen", f"{address}:{NBD_PORT}", "--tls-dir", str(self.tls_dir),
             "--nbd-psk-file", str(self.psk_file), "--label", f"rack={rack}",
-            "--reconnect-grace", str(self.reconnect_grace)],
+            "--reconnect-grace", str(self.reconnect_grace),
+            *(["--insecure-nbd"] if name in self.insecure_nbd else [])],
             stdout=log, stderr=log, cwd=REPO)
         self._wait_ready(name)
 

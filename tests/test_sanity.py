@@ -12,11 +12,15 @@ The counts come from csi-sanity's JUnit report, not from its console output.
 
 To add a storage class (remote-disk, replicated, erasure-coded): add Case entries; a class that
 needs a service running (a storage server, a Ceph cluster) gives a `services` context manager
-that starts it and yields the extra plugin arguments that point the plugin at it.
+that starts it and yields the extra plugin arguments that point the plugin at it (and, as an
+optional third element, extra csi-sanity arguments such as `--csi.secrets FILE`). A services
+hook that needs pytest fixtures (the session's Ceph cluster) names them in `fixtures`; they are
+passed to it as keyword arguments.
 """
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,11 +28,12 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager
 
 import grpc
 import pytest
 
+from ceph_cluster import ceph_cluster  # noqa: F401 - the session fixture, for the Ceph cases
 from conftest import REPO, Plugin
 from remote_lab import RemoteCluster
 from driver.proto import csi_pb2
@@ -106,8 +111,9 @@ class Case:
     # Starts what the class needs (storage servers, a Ceph cluster) in the given directory and
     # yields (extra plugin arguments, argv prefix to start the plugin with, e.g. nsenter into
     # the worker node's network namespace); None when the plugin needs nothing else.
-    services: Callable[[Path], ContextManager[tuple[Sequence[str], Sequence[str]]]] | None = \
-        field(default=None, compare=False)
+    services: Callable[..., ContextManager[tuple]] | None = field(default=None, compare=False)
+    # pytest fixtures the services hook needs (given to it as keyword arguments)
+    fixtures: tuple = ()
 
 
 @contextlib.contextmanager
@@ -115,6 +121,39 @@ def remote_disk_cluster(workdir: Path):
     """Three storage servers and the worker node, each in its own network namespace."""
     with RemoteCluster(workdir, servers=3) as cluster:
         yield cluster.plugin_args, cluster.node_prefix
+
+
+CEPH_CLUSTER_ID = "polyvol-sanity"
+# every secret csi-sanity v5.6.0 can send (pkg/sanity CSISecrets) that a Ceph RPC may use
+CEPH_SECRET_FIELDS = ("CreateVolumeSecret", "DeleteVolumeSecret", "NodeStageVolumeSecret",
+                      "NodePublishVolumeSecret", "CreateSnapshotSecret", "DeleteSnapshotSecret",
+                      "ControllerExpandVolumeSecret", "ListSnapshotsSecret", "GetSnapshotSecret",
+                      "ControllerValidateVolumeCapabilitiesSecret")
+
+
+@contextlib.contextmanager
+def ceph_services(workdir: Path, ceph_cluster):
+    """The session's Ceph cluster: a --ceph-config naming it, and the cephx user's key in a
+    0600 csi-sanity secrets file (the only way the key reaches the plugin: request secrets)."""
+    config = workdir / "ceph-config.json"
+    config.write_text(json.dumps({"clusters": [{"clusterID": CEPH_CLUSTER_ID,
+                                                "monitors": [ceph_cluster.mon_host]}]}))
+    credentials = {"userID": ceph_cluster.user_id, "userKey": ceph_cluster.user_key}
+    secrets = workdir / "sanity-secrets.yaml"
+    fd = os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({name: credentials for name in CEPH_SECRET_FIELDS}, out)  # JSON is YAML
+    try:
+        yield ["--ceph-config", str(config)], [], ["--csi.secrets", str(secrets)]
+    finally:
+        secrets.unlink(missing_ok=True)
+
+
+def ceph_parameters(class_type: str) -> dict:
+    if class_type == "replicated":
+        return {"type": "replicated", "clusterID": CEPH_CLUSTER_ID, "pool": "polyvol-rep"}
+    return {"type": "erasure-coded", "clusterID": CEPH_CLUSTER_ID, "pool": "polyvol-ec-meta",
+            "dataPool": "polyvol-ec"}
 
 
 CASES = [
@@ -132,6 +171,15 @@ CASES = [
     Case("remote-disk-block", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
          size=64 * MiB, access_type="block", must_run=("losetup", "nbdfuse"),
          must_not_run=("mkfs.ext4", "mkfs.xfs"), services=remote_disk_cluster),
+    # Ceph RBD through the user-space attach (qemu-storage-daemon with librbd -> NBD on a unix
+    # socket -> nbdfuse -> loop): the machine has no rbd kernel module.
+    *(Case(f"{class_type}-{access}", parameters=ceph_parameters(class_type), size=64 * MiB,
+           access_type=access,
+           must_run=("losetup", "nbdfuse", "qemu-storage-daemon")
+           + (("mkfs.ext4",) if access == "mount" else ()),
+           must_not_run=("mkfs.xfs",) + (("mkfs.ext4",) if access == "block" else ()),
+           services=ceph_services, fixtures=("ceph_cluster",))
+      for class_type in ("replicated", "erasure-coded") for access in ("mount", "block")),
 ]
 
 
@@ -255,7 +303,7 @@ def yaml_parameters(parameters: dict) -> str:
 
 @pytest.mark.root
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_csi_sanity(case: Case, workdir: Path):
+def test_csi_sanity(case: Case, workdir: Path, request):
     binary = find_csi_sanity()
     version = binary_version(binary)
     assert version == CSI_TEST_VERSION, (
@@ -265,7 +313,10 @@ def test_csi_sanity(case: Case, workdir: Path):
     junit = workdir / "sanity-junit.xml"
     output = workdir / "sanity-output.txt"
     with contextlib.ExitStack() as stack:
-        extra, prefix = stack.enter_context(case.services(workdir)) if case.services else ([], [])
+        fixtures = {name: request.getfixturevalue(name) for name in case.fixtures}
+        extra, prefix, *more = (stack.enter_context(case.services(workdir, **fixtures))
+                                if case.services else ([], []))
+        sanity_args = list(more[0]) if more else []
         plugin = Plugin(workdir, extra_args=[*case.plugin_args, *extra], argv_prefix=prefix)
         stack.callback(plugin.stop)
         plugin.start()
@@ -275,7 +326,7 @@ def test_csi_sanity(case: Case, workdir: Path):
                 "--csi.stagingdir", plugin.path("sanity-staging"),
                 "--csi.testvolumesize", str(case.size),
                 "--csi.testvolumeaccesstype", case.access_type,
-                "--ginkgo.junit-report", str(junit), "--ginkgo.no-color"]
+                "--ginkgo.junit-report", str(junit), "--ginkgo.no-color", *sanity_args]
         if case.parameters is not None:
             parameters_file = workdir / "sanity-parameters.yaml"
             parameters_file.write_text(yaml_parameters(case.parameters))

@@ -38,6 +38,12 @@ runs in the caller's network namespace (the plugin's); nothing here enters names
 
 Helper processes started by a plugin that is PID 1 of a container become its children after
 a restart; they are reaped lazily (a zombie counts as dead everywhere here).
+
+Other sources: what is specific to the NBD source (the qsd blockdev, how a start-up failure
+reads, how the source is probed and described) sits in a few hook methods (`_qsd_source`,
+`_startup_error`, `_other_source`, `_source_problem`, `_source_condition`, `user_method`,
+`qsd_role`); driver.attach.rbd overrides them to serve a Ceph RBD image through the same
+machinery (qsd with an `rbd` blockdev -> unix socket -> nbdfuse -> loop).
 """
 
 import contextlib
@@ -57,7 +63,7 @@ from urllib.parse import quote
 
 from .. import command, fs, log, state
 from ..backends.base import Attachment, Condition
-from ..errors import (CommandFailed, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+from ..errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
                       NotFound, PermissionDenied, PolyvolError, Unavailable)
 from . import loop, nbd_kernel
 
@@ -108,6 +114,9 @@ class NbdTarget:
             if not re.match(r"^[A-Za-z0-9._@-]+$", self.psk_identity):
                 raise InvalidArgument(f"bad PSK identity {self.psk_identity!r}")
 
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
     def summary(self) -> dict:
         return {"host": self.host, "port": self.port, "export": self.export, "tls": self.tls,
                 "psk_identity": self.psk_identity if self.tls else None}
@@ -149,13 +158,10 @@ class NbdAttacher:
         vol = self._vol(volume_id)
         existing = self.find(volume_id)
         if existing is not None:
-            recorded = vol.record() or {}
-            if {k: recorded.get(k) for k in ("host", "port", "export")} != \
-                    {"host": target.host, "port": target.port, "export": target.export}:
-                raise FailedPrecondition(
-                    f"volume {volume_id} is attached from {recorded.get('host')}:"
-                    f"{recorded.get('port')}/{recorded.get('export')}, not from "
-                    f"{target.host}:{target.port}/{target.export}; detach it first")
+            other = self._other_source(vol.record() or {}, target)
+            if other:
+                raise FailedPrecondition(f"volume {volume_id} is attached from {other}; "
+                                         "detach it first")
             _log.info("nbd attach: already attached", volume_id=volume_id,
                       device=existing.device, method=existing.method)
             return existing
@@ -175,7 +181,7 @@ class NbdAttacher:
         vol.create(volume_id, method, target)
         try:
             self._start_qsd(vol, target)
-            if method == METHOD_USER:
+            if method == self.user_method:
                 device = self._attach_user(vol)
             else:
                 device = nbd_kernel.connect(str(vol.nbd_socket), QSD_EXPORT,
@@ -203,7 +209,7 @@ class NbdAttacher:
         helpers = vol.helpers()
         if len(helpers["qsd"]) != 1:
             return None
-        if recorded["method"] == METHOD_USER:
+        if recorded["method"] == self.user_method:
             if len(helpers["nbdfuse"]) != 1 or not fs.is_mounted(str(vol.fuse_dir)):
                 return None
             devices = _loops_backed_by(vol.fuse_file)
@@ -234,11 +240,11 @@ class NbdAttacher:
         helpers = vol.helpers()
         broken = "; unstage and stage the volume again"
         if not helpers["qsd"]:
-            return Condition(True, "the NBD client (qemu-storage-daemon) of this volume is not "
-                             "running: I/O fails" + broken)
+            return Condition(True, f"{self.qsd_role} of this volume is not running: I/O fails"
+                             + broken)
         if _stopped(helpers["qsd"][0]):
-            return Condition(True, "the NBD client (qemu-storage-daemon) is stopped: I/O hangs")
-        if recorded["method"] == METHOD_USER:
+            return Condition(True, f"{self.qsd_role} is stopped: I/O hangs")
+        if recorded["method"] == self.user_method:
             if not helpers["nbdfuse"]:
                 return Condition(True, "the nbdfuse process of this volume is not running: "
                                  "I/O fails" + broken)
@@ -248,13 +254,7 @@ class NbdAttacher:
                 return Condition(True, "the FUSE file or loop device of this volume is gone" + broken)
         elif not nbd_kernel.connected(recorded.get("device") or "nbd-none"):
             return Condition(True, f"{recorded.get('device')} is not connected" + broken)
-        problem = probe(recorded["host"], recorded["port"])
-        if problem:
-            return Condition(True, f"storage server {recorded['host']}:{recorded['port']} is "
-                             f"unreachable ({problem}); I/O waits up to {self.reconnect_delay}s "
-                             "for it to return, then fails")
-        return Condition(False, f"attached through {recorded['method']}, storage server "
-                         f"{recorded['host']}:{recorded['port']} reachable")
+        return self._source_condition(vol, recorded)
 
     def detach(self, volume_id: str) -> None:
         """Take the volume off this node: unmount every filesystem mounted from its device,
@@ -268,17 +268,17 @@ class NbdAttacher:
             return
         started = time.monotonic()
         recorded = vol.record() or {}
-        method = recorded.get("method", METHOD_USER)
+        method = recorded.get("method", self.user_method)
         device = recorded.get("device")
         forced = self._fail_fast_if_unhealthy(vol, recorded)
         # 1. filesystems on the device (the node service normally unmounts them first)
-        devices = _loops_backed_by(vol.fuse_file) if method == METHOD_USER else \
+        devices = _loops_backed_by(vol.fuse_file) if method == self.user_method else \
             ([device] if device else [])
         for dev in devices:
             if os.path.exists(dev):
                 self._unmount_all(vol, recorded, dev)
         # 2. the device
-        if method == METHOD_USER:
+        if method == self.user_method:
             _bounded(lambda: _detach_loops(vol.fuse_file), 60,
                      lambda: self._kill_helpers(vol, "losetup -d is stuck"))
             still = _loops_backed_by(vol.fuse_file)
@@ -352,16 +352,7 @@ class NbdAttacher:
         if len(str(vol.nbd_socket)) > _SOCKET_PATH_MAX:
             raise FailedPrecondition(f"state directory path too long for a unix socket: "
                                      f"{vol.nbd_socket}")
-        blockdev = (f"driver=nbd,node-name=vol0,server.type=inet,server.host={target.host},"
-                    f"server.port={target.port},export={target.export},"
-                    f"reconnect-delay={self.reconnect_delay},discard=unmap")
-        argv = ["qemu-storage-daemon"]
-        if target.tls:
-            vol.write_psk(target)
-            argv += ["--object", f"tls-creds-psk,id=tls0,endpoint=client,dir={vol.psk_dir},"
-                                 f"username={target.psk_identity}"]
-            blockdev += ",tls-creds=tls0"
-        argv += ["--blockdev", blockdev,
+        argv = ["qemu-storage-daemon", *self._qsd_source(vol, target),
                  "--nbd-server", f"addr.type=unix,addr.path={vol.nbd_socket}",
                  "--export", f"type=nbd,id=exp0,node-name=vol0,name={QSD_EXPORT},writable=on",
                  "--chardev", f"socket,id=qmp0,path={vol.qmp_socket},server=on,wait=off",
@@ -371,7 +362,57 @@ class NbdAttacher:
 
         def ready():
             return vol.qsd_pidfile.exists() and vol.nbd_socket.exists()
-        _wait_ready(child, ready, START_TIMEOUT, "qemu-storage-daemon", vol, target)
+        _wait_ready(child, ready, START_TIMEOUT, "qemu-storage-daemon", vol, target,
+                    self._startup_error)
+
+    # --- what differs between sources (hooks: driver.attach.rbd overrides them) ---------------
+    # The NBD source: a remote NBD server, TLS-PSK, reconnect-delay.
+
+    user_method = METHOD_USER                               # the method of the nbdfuse path
+    qsd_role = "the NBD client (qemu-storage-daemon)"      # in condition messages
+
+    def _qsd_source(self, vol: "_Volume", target: NbdTarget) -> list[str]:
+        """qemu-storage-daemon arguments (objects, then one --blockdev named vol0) that open
+        the volume's data."""
+        blockdev = (f"driver=nbd,node-name=vol0,server.type=inet,server.host={target.host},"
+                    f"server.port={target.port},export={target.export},"
+                    f"reconnect-delay={self.reconnect_delay},discard=unmap")
+        args = []
+        if target.tls:
+            vol.write_psk(target)
+            args += ["--object", f"tls-creds-psk,id=tls0,endpoint=client,dir={vol.psk_dir},"
+                                 f"username={target.psk_identity}"]
+            blockdev += ",tls-creds=tls0"
+        return args + ["--blockdev", blockdev]
+
+    def _startup_error(self, what: str, code: int, message: str, target) -> PolyvolError:
+        return _startup_error(what, code, message, target)
+
+    def _other_source(self, recorded: dict, target: NbdTarget) -> str | None:
+        """Where an existing attachment's data comes from when that is not `target`, else None."""
+        if {k: recorded.get(k) for k in ("host", "port", "export")} == \
+                {"host": target.host, "port": target.port, "export": target.export}:
+            return None
+        return (f"{recorded.get('host')}:{recorded.get('port')}/{recorded.get('export')}, not "
+                f"from {target.host}:{target.port}/{target.export}")
+
+    def _source_problem(self, recorded: dict, timeout: float = PROBE_TIMEOUT) -> str | None:
+        """Why the volume's data cannot be reached from here (a phrase), or None."""
+        if not recorded.get("host"):
+            return None
+        problem = probe(recorded["host"], recorded["port"], timeout)
+        if problem:
+            return f"storage server {recorded['host']}:{recorded['port']} is unreachable ({problem})"
+        return None
+
+    def _source_condition(self, vol: "_Volume", recorded: dict) -> Condition:
+        """The condition once the helpers and the device are known to be fine."""
+        problem = self._source_problem(recorded)
+        if problem:
+            return Condition(True, f"{problem}; I/O waits up to {self.reconnect_delay}s for it "
+                             "to return, then fails")
+        return Condition(False, f"attached through {recorded['method']}, storage server "
+                         f"{recorded['host']}:{recorded['port']} reachable")
 
     def _fail_fast_if_unhealthy(self, vol: "_Volume", recorded: dict) -> str | None:
         """Kill the helpers (`_kill_helpers`) when waiting for them would block: the server is
@@ -384,11 +425,11 @@ class NbdAttacher:
             why = "qemu-storage-daemon is not running"
         elif _stopped(helpers["qsd"][0]):
             why = "qemu-storage-daemon is stopped"
-        elif recorded.get("method", METHOD_USER) == METHOD_USER and (
+        elif recorded.get("method", self.user_method) == self.user_method and (
                 not helpers["nbdfuse"] or _stopped(helpers["nbdfuse"][0])):
             why = "nbdfuse is not running"
-        elif recorded.get("host") and probe(recorded["host"], recorded["port"]):
-            why = f"storage server {recorded['host']}:{recorded['port']} is unreachable"
+        elif problem := self._source_problem(recorded):
+            why = problem
         elif not qmp_ping(vol.qmp_socket):
             why = "qemu-storage-daemon does not answer on its monitor"
         if why:
@@ -444,12 +485,10 @@ class NbdAttacher:
         helpers = vol.helpers()
         if not helpers["qsd"] or _stopped(helpers["qsd"][0]):
             return "qemu-storage-daemon is gone or stopped"
-        if recorded.get("method", METHOD_USER) == METHOD_USER and (
+        if recorded.get("method", self.user_method) == self.user_method and (
                 not helpers["nbdfuse"] or _stopped(helpers["nbdfuse"][0])):
             return "nbdfuse is gone or stopped"
-        if recorded.get("host") and probe(recorded["host"], recorded["port"], 1.0):
-            return "storage server unreachable"
-        return None
+        return self._source_problem(recorded, 1.0)
 
     def _vol(self, volume_id: str) -> "_Volume":
         if not volume_id:
@@ -601,17 +640,19 @@ def _spawn(argv, log_path: Path, cwd: Path, what: str, volume_id: str) -> subpro
 
 
 def _wait_ready(child: subprocess.Popen, ready, timeout: float, what: str, vol: _Volume,
-                target: NbdTarget | None = None) -> None:
+                target=None, classify=None) -> None:
+    """Wait until `ready()`; a helper that exits first raises `classify(what, code, last
+    line of its log, target)` (default `_startup_error`)."""
     deadline = time.monotonic() + timeout
     while True:
         code = child.poll()
         if code is not None:
-            raise _startup_error(what, code, _last_line(vol, what), target)
+            raise (classify or _startup_error)(what, code, _last_line(vol, what), target)
         if ready():
             return
         if time.monotonic() > deadline:
             _stop(child.pid, signal.SIGKILL, what, vol.volume_id)
-            where = f" to {target.host}:{target.port}" if target else ""
+            where = f" to {target.endpoint()}" if target else ""
             raise Unavailable(f"{what} did not connect{where} within {timeout:g}s")
         time.sleep(0.01)
 

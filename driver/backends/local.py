@@ -33,6 +33,17 @@ class LocalBackend(Backend):
         self.store = FileStore(f"{state_dir}/local", rf"{PREFIX}-[0-9a-f]{{32}}",
                                rf"{PREFIX}-snap-[0-9a-f]{{32}}", reserve_bytes, f"node {node_id}")
 
+        self._thaw_left_frozen()
+
+    def _thaw_left_frozen(self) -> None:
+        """A plugin killed while copying a mounted volume (snapshot, clone) leaves that
+        filesystem frozen, and the pod's writes hang; thaw every mounted volume at start
+        (thawing one that is not frozen is a harmless EINVAL)."""
+        for record in self.store.list_volumes():
+            for device in loop.find(str(self.store.data_path(record["volume_id"]))):
+                for mount in fs.mounts_of_device(device)[:1]:
+                    fs.thaw(mount.target)
+
     def volume_id_for(self, name: str) -> str:
         return f"{PREFIX}-{_digest(name)}"
 

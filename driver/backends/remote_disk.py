@@ -110,6 +110,17 @@ class RemoteDiskBackend(Backend):
                 self._clients[entry.address] = client
             return client
 
+    def _known_client(self, server: str):
+        """The client of a server that must exist: for deletes, an unknown server is not
+        "already gone". One that is down or not ready yet is missing from discovery too, and
+        forgetting its volume would leave the file behind for good."""
+        try:
+            return self._client(server)
+        except NotFound:
+            raise Unavailable(f"storage server {server} is not known right now (down, not ready, "
+                              f"or removed from {self.directory.path}); the delete is retried. "
+                              f"For a server removed for good, remove the PV by hand") from None
+
     def _reachable(self) -> dict[str, tuple[object, object]]:
         """name -> (client, info) for every configured server that answers now."""
         if self.directory is None:
@@ -206,14 +217,7 @@ class RemoteDiskBackend(Backend):
                      CTX_SPREAD: parameters.get(CTX_SPREAD, "ok")})
 
     def delete_volume(self, volume_id: str) -> None:
-        server = self._parse_volume_id(volume_id)["server"]
-        try:
-            client = self._client(server)
-        except NotFound:
-            # The server was removed from the configuration: its volumes went with it.
-            _log.warning("volume of an unconfigured server forgotten", volume_id=volume_id)
-            return
-        client.delete_volume(volume_id)
+        self._known_client(self._parse_volume_id(volume_id)["server"]).delete_volume(volume_id)
 
     def get_volume(self, volume_id: str) -> Volume:
         server = self._parse_volume_id(volume_id)["server"]
@@ -275,11 +279,7 @@ class RemoteDiskBackend(Backend):
         match = SNAPSHOT_ID.fullmatch(snapshot_id)
         if match is None:
             return
-        try:
-            client = self._client(match["server"])
-        except NotFound:
-            return
-        client.delete_snapshot(snapshot_id)
+        self._known_client(match["server"]).delete_snapshot(snapshot_id)
 
     def list_snapshots(self) -> list[Snapshot]:
         if self.directory is None:
@@ -292,8 +292,8 @@ class RemoteDiskBackend(Backend):
             self._client(server).get_volume(volume_id)
         except Unavailable as error:
             return Condition(True, f"storage server {server} is unreachable: {error}")
-        except NotFound:
-            return Condition(True, f"storage server {server} no longer has this volume")
+        except NotFound as missing:
+            return Condition(True, str(missing))
         return HEALTHY
 
     # --- node side ---
