@@ -97,7 +97,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import fs, log, state
+from .. import log, state
 from ..errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgument,
                       NotFound, OutOfRange, PermissionDenied, PolyvolError, ResourceExhausted,
                       Unavailable)
@@ -1466,15 +1466,9 @@ class CephBackend(Backend):
             self._require_attacher().detach(volume_id)
 
     def node_expand(self, volume_id: str, size_bytes: int) -> None:
-        attached = self.find_attachment(volume_id)
-        if attached is None:
-            raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
-        device_size = fs.block_size_bytes(attached.device)
-        if size_bytes > device_size:
-            raise FailedPrecondition(
-                f"{volume_id} grew in Ceph, but this node's attachment ({attached.method}) keeps "
-                f"the size it had when it was attached ({device_size} bytes); the node sees the "
-                f"new size when the volume is staged again (restart the pod)")
+        # krbd devices refresh online; the user-space path says it needs a new stage.
+        self.find_attachment(volume_id)  # validates the id
+        self._require_attacher().grow(volume_id, size_bytes)
 
     def node_condition(self, volume_id: str) -> Condition:
         return self._require_attacher().condition(volume_id)
