@@ -1,7 +1,7 @@
 """Data-path benchmark: fio throughput and IOPS of each volume class, against a raw loop device.
 
     .venv/bin/python bench/datapath.py [--size 1Gi] [--runtime 8] [--layer block|fs]
-                                       [--classes raw,local,remote,remote-plain]
+                 [--classes raw,local,remote,remote-plain,replicated,erasure-coded]
 
 For every class it makes one volume the way a pod gets it (CreateVolume, NodeStageVolume,
 NodePublishVolume through a real `polyvol plugin`), fills it once with a sequential write (so
@@ -20,9 +20,21 @@ Classes (rows, in this order; `--classes` picks some):
                 qemu-storage-daemon -> nbdfuse -> loop
   remote-plain  the same from a storage server started with --insecure-nbd (the explicit TLS
                 opt-out): the volume context says nbd-tls=false and the node attaches without TLS
-Adding a class (e.g. the Ceph `replicated` and `erasure-coded` rows): a `CsiClass` with its
-StorageClass parameters and secrets, and, if it needs a backend running, an entry in
-`Env.start` keyed by the name in its `needs` (see "remote").
+  replicated    an RBD image in the size-3 pool of a throw-away single-host Ceph cluster
+                (tests/ceph_cluster.py: 1 mon, 1 mgr, 3 BlueStore OSDs on sparse files in
+                /var/tmp, cephx, 127.0.0.1 only), attached the way CI can: qemu-storage-daemon
+                (librbd) -> NBD on a unix socket -> nbdfuse -> loop
+  erasure-coded the same with the image's data in the k=2 m=1 EC pool (dataPool), its header
+                in a replicated pool
+Adding a class: a `CsiClass` with its StorageClass parameters and secrets, and, if it needs a
+backend running, an entry in `Env.start` keyed by the name in its `needs` (see "remote" and
+"ceph").
+
+The Ceph rows get a plugin of their own, in the machine's network namespace: the cluster
+listens on 127.0.0.1 only, which the remote lab's node namespace cannot reach. (Without a
+remote row there is one plugin, with the Ceph arguments too.) The cephx key reaches it only
+as request secrets, as in a cluster. The cluster takes ~6-15 s to start and is torn down at
+the end; its daemons are this run's processes in the CPU table (ceph-osd, ceph-mon, ceph-mgr).
 
 Prints one table (each value also as a ratio of the raw loop's; stage/unstage = the
 NodeStageVolume/NodeUnstageVolume time as the client sees it, losetup for the raw loop), then
@@ -34,15 +46,19 @@ on errors and on SIGINT/SIGTERM, and then checked. Exit status: 0 when every cla
 nothing was left behind.
 
 Reading the numbers: everything shares one machine's CPUs, so a remote-disk row pays for the
-node's helpers AND the storage server's nbdkit, and the CPU table is the main result on small
-machines. The storage server's nbdkit writes through its page cache (no O_DIRECT), so remote
-rows measure the transport, not the server's disk; the raw loop and local-ephemeral go to the
-disk with direct I/O (whatever the hypervisor caches below). The raw loop and local-ephemeral
-use the same kernel path; their difference is the noise of the run. The line "before the
-run" and the "other" column say whether other work on the machine disturbed it.
+node's helpers AND the storage server's nbdkit, and a Ceph row for the node's helpers AND all
+three OSDs (a replicated write is written three times, an EC write as 2 data + 1 parity
+chunks, all on the same disk), and the CPU table is the main result on small machines. The
+storage server's nbdkit writes through its page cache (no O_DIRECT), so remote rows measure
+the transport, not the server's disk; the raw loop, local-ephemeral and the OSDs (BlueStore
+opens its block file with O_DIRECT) go to the disk with direct I/O (whatever the hypervisor
+caches below). The raw loop and local-ephemeral use the same kernel path; their difference is
+the noise of the run. The line "before the run" and the "other" column say whether other work
+on the machine disturbed it.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -69,10 +85,12 @@ sys.modules.setdefault("conftest", conftest)
 sys.path.insert(2, str(REPO / "tests"))
 
 from driver import fs  # noqa: E402
+from driver.backends.ceph import SECRET_KEY, SECRET_USER  # noqa: E402
 from driver.backends.remote_disk import CTX_NBD_TLS  # noqa: E402
 from driver.proto import csi_pb2  # noqa: E402
 from driver.units import format_size, parse_size  # noqa: E402
 from lifecycle import describe, leftovers  # noqa: E402 - bench/ is this script's directory
+from ceph_cluster import running_cluster  # noqa: E402
 from remote_lab import RemoteCluster  # noqa: E402
 
 Plugin, capability, clean_up_below = conftest.Plugin, conftest.capability, conftest.clean_up_below
@@ -142,15 +160,16 @@ def _system_ticks() -> list[int]:
 
 OTHERS = "(not this run)"
 PF_KTHREAD = 0x00200000  # /proc/PID/stat flags
-_run_marker = ""  # the work directory, set by main()
+_run_markers: list[str] = []  # the work directory (set by main()), the Ceph cluster's directory
 _owners: dict = {}  # (pid, start time) -> name to account under, or OTHERS
 
 
 def _owner(pid: str, start: str, name: str, kernel_thread: bool) -> str:
     """The accounting name of a process: kernel threads and this run's processes (the bench,
     the plugin, storage servers and their helpers: their command lines name the work
-    directory) by name; everything else on the machine is OTHERS, so a busy shared machine
-    shows as such instead of being charged to a class."""
+    directory; the Ceph daemons name the cluster's directory) by name; everything else on the
+    machine is OTHERS, so a busy shared machine shows as such instead of being charged to a
+    class."""
     key = (pid, start)
     if key not in _owners:
         try:
@@ -159,7 +178,7 @@ def _owner(pid: str, start: str, name: str, kernel_thread: bool) -> str:
             cmdline = b""
         if int(pid) == os.getpid():
             _owners[key] = "bench"
-        elif kernel_thread or _run_marker and _run_marker.encode() in cmdline:
+        elif kernel_thread or any(marker.encode() in cmdline for marker in _run_markers):
             _owners[key] = name
         else:
             _owners[key] = OTHERS
@@ -359,10 +378,11 @@ class CsiClass(BenchClass):
 
     def create(self, env, cap) -> csi_pb2.Volume:
         return env.create_volume(f"datapath-{self.key}", cap, self.parameters(env),
-                                 self.secrets(env))
+                                 self.secrets(env), plugin=env.plugin_for(self))
 
     def paths(self, env) -> tuple[str, str]:
-        return env.plugin.path(self.key, "staging"), env.plugin.path(self.key, "target")
+        plugin = env.plugin_for(self)
+        return plugin.path(self.key, "staging"), plugin.path(self.key, "target")
 
     def attach(self, env, row):
         block = env.layer == "block"
@@ -370,7 +390,7 @@ class CsiClass(BenchClass):
         self.volume = self.create(env, cap)
         staging, target = self.paths(env)
         os.makedirs(staging, exist_ok=True)
-        node, volume = env.plugin.node, self.volume
+        node, volume = env.plugin_for(self).node, self.volume
         row.stage_ms = timed(lambda: node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
             volume_id=volume.volume_id, staging_target_path=staging, volume_capability=cap,
             volume_context=volume.volume_context, secrets=self.secrets(env)), timeout=180))
@@ -391,24 +411,25 @@ class CsiClass(BenchClass):
 
     def detach(self, env, row):
         staging, target = self.paths(env)
-        node, volume_id = env.plugin.node, self.volume.volume_id
+        node, volume_id = env.plugin_for(self).node, self.volume.volume_id
         node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
             volume_id=volume_id, target_path=target), timeout=180)
         self.published = False
         row.unstage_ms = timed(lambda: node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id=volume_id, staging_target_path=staging), timeout=180))
         self.staged = False
-        env.delete_volume(volume_id, self.secrets(env))
+        env.delete_volume(volume_id)
         self.volume = None
 
     def release(self, env):
-        if self.volume is None or env.plugin is None or env.plugin.process is None:
+        plugin = env.plugin_for(self)
+        if self.volume is None or plugin is None or plugin.process is None:
             return
         staging, target = self.paths(env)
         volume_id = self.volume.volume_id
-        for call, request in ((env.plugin.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(
+        for call, request in ((plugin.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(
                 volume_id=volume_id, target_path=target)),
-                (env.plugin.node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest(
+                (plugin.node.NodeUnstageVolume, csi_pb2.NodeUnstageVolumeRequest(
                     volume_id=volume_id, staging_target_path=staging))):
             for _ in range(5):  # a device still closing (an interrupted fio) makes it busy
                 try:
@@ -447,7 +468,37 @@ class RemoteDiskPlain(RemoteDisk):
     tls = False
 
 
-CLASSES = {c.key: c for c in (RawLoop, LocalEphemeral, RemoteDisk, RemoteDiskPlain)}
+class CephClass(CsiClass):
+    """An RBD image in the run's Ceph cluster (Env "ceph"), through the Ceph rows' plugin."""
+    needs = ("plugin", "ceph")
+
+    def parameters(self, env):
+        return env.ceph_parameters(self.storage_class_type)
+
+    def secrets(self, env):
+        return env.ceph_secrets()
+
+    def attach_note(self, env):
+        volume_id = self.volume.volume_id
+        for line in reversed(env.plugin_for(self).log_lines()):
+            if line.get("event") in ("nbd attached", "rbd attached") and line.get("volume_id") == volume_id:
+                pools = line.get("pool", "?") + (f" + data {line['data_pool']}"
+                                                 if line.get("data_pool") else "")
+                return (f", {line.get('method')} of {pools}/{line.get('image')}, attach "
+                        f"{line.get('ms')} ms in the plugin")
+        raise RuntimeError(f"{self.label}: no 'nbd attached' or 'rbd attached' line in the plugin log")
+
+
+class Replicated(CephClass):
+    key, label, storage_class_type = "replicated", "replicated (3x)", "replicated"
+
+
+class ErasureCoded(CephClass):
+    key, label, storage_class_type = "erasure-coded", "erasure-coded (2+1)", "erasure-coded"
+
+
+CLASSES = {c.key: c for c in (RawLoop, LocalEphemeral, RemoteDisk, RemoteDiskPlain, Replicated,
+                              ErasureCoded)}
 BASELINE = RawLoop.key
 
 
@@ -456,44 +507,86 @@ BASELINE = RawLoop.key
 class Env:
     """What the selected classes need, started once: "plugin" (a `polyvol plugin` on a unix
     socket), "remote" (tests/remote_lab.py's RemoteCluster with srv1 serving NBD over TLS-PSK
-    and srv2 with --insecure-nbd; the plugin then runs in the lab's node namespace). A future
-    "ceph" would start its cluster here and add its plugin arguments."""
+    and, with `plain_server`, srv2 with --insecure-nbd; the plugin then runs in the lab's node
+    namespace), "ceph" (tests/ceph_cluster.py's throw-away cluster and a --ceph-config naming
+    it; the Ceph rows' plugin runs in the machine's network namespace, where the cluster's
+    127.0.0.1 is: the main plugin when there is no remote lab, else a second plugin)."""
     TLS_SERVER, PLAIN_SERVER = "srv1", "srv2"
+    CEPH_CLUSTER_ID = "polyvol-bench"
 
-    def __init__(self, workdir: Path, needs: set, size: int, layer: str):
+    def __init__(self, workdir: Path, needs: set, size: int, layer: str, plain_server: bool = True):
         self.workdir, self.needs, self.size, self.layer = workdir, needs, size, layer
+        self.plain_server = plain_server
         self.plugin = None
+        self.ceph_plugin = None  # the plugin of the Ceph rows (may be self.plugin)
         self.cluster = None
-        self.created: dict[str, dict] = {}  # volume id -> secrets, until deleted
+        self.ceph = None  # tests/ceph_cluster.CephCluster
+        self._ceph_context = contextlib.ExitStack()
+        self.created: dict[str, tuple] = {}  # volume id -> (plugin, secrets), until deleted
         self.remote_volumes: dict[bool, csi_pb2.Volume] = {}
 
     def start(self) -> None:
-        extra_args, prefix = [], []
+        extra_args, prefix, ceph_args = [], [], []
+        if "ceph" in self.needs:
+            started = time.monotonic()
+            self.ceph = self._ceph_context.enter_context(running_cluster())
+            _run_markers.append(str(self.ceph.directory) + "/")
+            config = self.workdir / "ceph-config.json"
+            config.write_text(json.dumps({"clusters": [{"clusterID": self.CEPH_CLUSTER_ID,
+                                                        "monitors": [self.ceph.mon_host]}]}))
+            ceph_args = ["--ceph-config", str(config), "--rbd-attach", "userspace"]
+            print(f"ceph cluster up in {time.monotonic() - started:.1f} s ({self.ceph.directory}, "
+                  f"{self.ceph.monitors}, health {self.ceph.health()})", flush=True)
         if "remote" in self.needs:
-            self.cluster = RemoteCluster(self.workdir, servers=2, insecure_nbd=[self.PLAIN_SERVER])
+            servers, plain = (2, [self.PLAIN_SERVER]) if self.plain_server else (1, [])
+            self.cluster = RemoteCluster(self.workdir, servers=servers, insecure_nbd=plain)
             self.cluster.__enter__()
             extra_args, prefix = self.cluster.plugin_args, self.cluster.node_prefix
         if "plugin" in self.needs:
-            self.plugin = Plugin(self.workdir, extra_args=extra_args, argv_prefix=prefix,
-                                 node_id="node-bench")
+            shared = self.cluster is None  # no lab: one plugin, in this namespace, for all rows
+            self.plugin = Plugin(self.workdir, extra_args=extra_args + (ceph_args if shared else []),
+                                 argv_prefix=prefix, node_id="node-bench")
             self.plugin.start()
             self.check_same_filesystem(self.plugin.state_dir, "the plugin's state directory")
+            if ceph_args:
+                self.ceph_plugin = self.plugin if shared else Plugin(
+                    self.workdir / "ceph-client", extra_args=ceph_args, node_id="node-bench")
+                if self.ceph_plugin is not self.plugin:
+                    self.ceph_plugin.start()
+
+    def plugin_for(self, bench: "BenchClass") -> Plugin | None:
+        return self.ceph_plugin if "ceph" in bench.needs else self.plugin
+
+    def ceph_parameters(self, class_type: str) -> dict:
+        """The StorageClass parameters of a Ceph class on the run's cluster."""
+        parameters = {"type": class_type, "clusterID": self.CEPH_CLUSTER_ID,
+                      "pool": self.ceph.rep_pool}
+        if class_type == "erasure-coded":
+            parameters.update(pool=self.ceph.ec_meta_pool, dataPool=self.ceph.ec_data_pool)
+        return parameters
+
+    def ceph_secrets(self) -> dict:
+        """The cephx user and key, as a StorageClass's secrets give them (never an argument)."""
+        return {SECRET_USER: self.ceph.user_id, SECRET_KEY: self.ceph.user_key}
 
     def check_same_filesystem(self, path: Path, what: str) -> None:
         if os.stat(path).st_dev != os.stat(self.workdir).st_dev:
             raise RuntimeError(f"{what} ({path}) is not on the work directory's filesystem")
 
-    def create_volume(self, name: str, cap, parameters: dict, secrets: dict) -> csi_pb2.Volume:
-        volume = self.plugin.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+    def create_volume(self, name: str, cap, parameters: dict, secrets: dict,
+                      plugin: Plugin | None = None) -> csi_pb2.Volume:
+        plugin = plugin or self.plugin
+        volume = plugin.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
             name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=self.size),
             volume_capabilities=[cap], parameters=parameters, secrets=secrets), timeout=180).volume
-        self.created[volume.volume_id] = secrets
+        self.created[volume.volume_id] = (plugin, secrets)
         if volume.capacity_bytes != self.size:
             raise RuntimeError(f"{name}: asked {self.size} bytes, got {volume.capacity_bytes}")
         return volume
 
-    def delete_volume(self, volume_id: str, secrets: dict) -> None:
-        self.plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(
+    def delete_volume(self, volume_id: str) -> None:
+        plugin, secrets = self.created[volume_id]
+        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(
             volume_id=volume_id, secrets=secrets), timeout=180)
         self.created.pop(volume_id, None)
 
@@ -507,25 +600,42 @@ class Env:
                     "type": "remote-disk", "spreadGroup": "bench/datapath",
                     "spreadPolicy": "required"}, {})
                 self.remote_volumes[volume.volume_context[CTX_NBD_TLS] == "true"] = volume
-            if set(self.remote_volumes) != {True, False}:
-                raise RuntimeError(f"expected one TLS and one plain remote volume, got "
+            expected = {True, False} if self.plain_server else {True}
+            if set(self.remote_volumes) != expected:
+                raise RuntimeError(f"expected {len(expected)} remote volume(s) with nbd-tls "
+                                   f"{sorted(expected)}, got "
                                    f"{[v.volume_context for v in self.remote_volumes.values()]}")
         return self.remote_volumes[tls]
 
+    def delete_all(self, problems: list) -> None:
+        """Delete every volume the run made and still has (through the plugin that made it)."""
+        for volume_id, (plugin, _) in list(self.created.items()):
+            if plugin.process is None:
+                continue
+            try:
+                self.delete_volume(volume_id)
+            except Exception as error:  # noqa: BLE001
+                problems.append(f"deleting {volume_id}: {describe(error)}")
+
     def close(self, problems: list) -> None:
-        if self.plugin is not None and self.plugin.process is not None:
-            for volume_id, secrets in list(self.created.items()):
-                try:
-                    self.delete_volume(volume_id, secrets)
-                except Exception as error:  # noqa: BLE001
-                    problems.append(f"deleting {volume_id}: {describe(error)}")
+        self.delete_all(problems)
+        ceph_plugin = self.ceph_plugin if self.ceph_plugin is not self.plugin else None
         for what, stop in (("plugin", self.plugin and self.plugin.stop),
-                           ("storage lab", self.cluster and self.cluster.close)):
+                           ("Ceph rows' plugin", ceph_plugin and ceph_plugin.stop),
+                           ("storage lab", self.cluster and self.cluster.close),
+                           ("Ceph cluster", self._ceph_context.close)):
             if stop:
                 try:
                     stop()
                 except Exception as error:  # noqa: BLE001
                     problems.append(f"stopping the {what}: {describe(error)}")
+
+    def leftovers(self) -> list[str]:
+        """After close: what is left of the Ceph cluster (its directory, its processes)."""
+        if self.ceph is None:
+            return []
+        directory = self.ceph.directory
+        return leftover_processes(directory) + ([f"Ceph directory {directory}"] if directory.exists() else [])
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -608,7 +718,8 @@ def print_cpu(rows: list[Row], cores: int) -> None:
 
 
 def leftover_processes(workdir: Path) -> list[str]:
-    """Processes whose command line names the work directory (plugin, servers, helpers)."""
+    """Processes whose command line names the work directory (plugin, servers, helpers), or
+    another directory of the run (the Ceph cluster's)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
@@ -673,11 +784,11 @@ def main(argv=None) -> int:
     needs = {n for bench in benches for n in bench.needs}
 
     workdir = Path(tempfile.mkdtemp(prefix="polyvol-bench-", dir=args.dir))
-    global _run_marker
-    _run_marker = str(workdir)
+    _run_markers[:] = [str(workdir)]
     env = Env(workdir, needs, args.size, args.layer)
     rows, problems = [], []
     kept_log = Path(tempfile.gettempdir()) / "polyvol-datapath-failed.log"
+    kept_ceph_log = Path(tempfile.gettempdir()) / "polyvol-datapath-ceph-failed.log"  # 2nd plugin
     cores = os.cpu_count() or 1
     try:
         fstype = next((m.fstype for m in fs.mounts() if m.target == "/"), "?")
@@ -718,17 +829,25 @@ def main(argv=None) -> int:
         env.close(problems)
         if env.plugin is not None and env.plugin.log_path.exists():
             shutil.copyfile(env.plugin.log_path, kept_log)
+        if env.ceph_plugin not in (None, env.plugin) and env.ceph_plugin.log_path.exists():
+            shutil.copyfile(env.ceph_plugin.log_path, kept_ceph_log)
         clean_up_below(workdir)
-        left = leftovers(workdir) + leftover_processes(workdir) + leftover_namespaces()
+        left = (leftovers(workdir) + leftover_processes(workdir) + leftover_namespaces()
+                + env.leftovers())
         if left:
             problems.append(f"left behind after clean-up: {', '.join(left)}")
         else:
             subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], check=False)
     if not problems:
         kept_log.unlink(missing_ok=True)
-        print("\nclean-up checked: no volume, mount, loop device, process or namespace left")
+        kept_ceph_log.unlink(missing_ok=True)
+        print("\nclean-up checked: no volume, mount, loop device, process or namespace left"
+              + (", Ceph cluster torn down" if env.ceph is not None else ""))
         return 0
-    print(f"\n{len(problems)} error(s) (plugin log kept at {kept_log}):", file=sys.stderr)
+    second = env.ceph_plugin not in (None, env.plugin)
+    logs = " and ".join(str(p) for p in (kept_log, kept_ceph_log) if p.exists()
+                        and (p is kept_log or second))
+    print(f"\n{len(problems)} error(s) (plugin log kept at {logs or '-'}):", file=sys.stderr)
     for problem in problems[:20]:
         print(f"  {problem}", file=sys.stderr)
     return 1
