@@ -805,7 +805,6 @@ def main(argv=None) -> int:
 
     Prints a JSON result; errors print {"error": ..., "type": ...} and exit 1."""
     import argparse
-    import sys
     parser = argparse.ArgumentParser(prog="python -m driver.attach.nbd")
     parser.add_argument("action", choices=["attach", "find", "detach", "condition", "list",
                                            "prepare-detach"])
@@ -822,33 +821,37 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     log.setup(args.log_level)
+    return run_cli_action(
+        lambda: NbdAttacher(args.state_dir, args.mode, args.reconnect_delay), args.action,
+        args.volume, lambda: NbdTarget(args.host, args.port, args.export, args.psk_identity,
+                                       args.psk_key_file, tls=not args.no_tls))
+
+
+def run_cli_action(make_attacher, action: str, volume: str, make_target) -> int:
+    """One verb of an attach CLI (this module's and driver.attach.rbd's), printed as JSON."""
     try:
-        attacher = NbdAttacher(args.state_dir, args.mode, args.reconnect_delay)
-        if args.action == "attach":
-            target = NbdTarget(args.host, args.port, args.export, args.psk_identity,
-                               args.psk_key_file, tls=not args.no_tls)
-            found = attacher.attach(args.volume, target)
+        attacher = make_attacher()
+        if action == "attach":
+            found = attacher.attach(volume, make_target())
             result = {"device": found.device, "method": found.method}
-        elif args.action == "find":
-            found = attacher.find(args.volume)
+        elif action == "find":
+            found = attacher.find(volume)
             result = {"device": found.device, "method": found.method} if found else None
-        elif args.action == "detach":
-            attacher.detach(args.volume)
-            result = {"detached": args.volume}
-        elif args.action == "condition":
-            cond = attacher.condition(args.volume)
+        elif action == "detach":
+            attacher.detach(volume)
+            result = {"detached": volume}
+        elif action == "condition":
+            cond = attacher.condition(volume)
             result = {"abnormal": cond.abnormal, "message": cond.message}
-        elif args.action == "prepare-detach":
-            result = {"forced": attacher.prepare_detach(args.volume)}
+        elif action == "prepare-detach":
+            result = {"forced": attacher.prepare_detach(volume)}
         else:
             result = attacher.attached()
     except PolyvolError as error:
         print(json.dumps({"error": str(error), "type": type(error).__name__}))
         return 1
-    print(json.dumps(result))
-    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -598,40 +598,21 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         os._exit(0)  # never wait on a librados thread still blocked on a dead owner
     log.setup(args.log_level)
-    try:
-        if not args.state_dir:
-            raise InvalidArgument("--state-dir is required")
-        attacher = RbdAttacher(args.state_dir, args.mode,
-                               None if args.no_fence else args.fence_after)
-        if args.action == "attach":
-            try:
-                key = Path(args.key_file).read_text().strip() if args.key_file else ""
-            except OSError as error:
-                raise FailedPrecondition(f"cannot read {args.key_file}: {error.strerror}") from None
-            target = RbdTarget(args.pool, args.image, args.monitors, args.user, key,
-                               namespace=args.namespace)
-            found = attacher.attach(args.volume, target)
-            result = {"device": found.device, "method": found.method}
-        elif args.action == "find":
-            found = attacher.find(args.volume)
-            result = {"device": found.device, "method": found.method} if found else None
-        elif args.action == "detach":
-            attacher.detach(args.volume)
-            result = {"detached": args.volume}
-        elif args.action == "condition":
-            cond = attacher.condition(args.volume)
-            result = {"abnormal": cond.abnormal, "message": cond.message}
-        elif args.action == "prepare-detach":
-            result = {"forced": attacher.prepare_detach(args.volume)}
-        else:
-            result = attacher.attached()
-    except PolyvolError as error:
-        print(json.dumps({"error": str(error), "type": type(error).__name__}))
+    if not args.state_dir:
+        print(json.dumps({"error": "--state-dir is required", "type": "InvalidArgument"}))
         return 1
-    print(json.dumps(result))
-    sys.stdout.flush()
-    return 0
 
+    def make_target():
+        try:
+            key = Path(args.key_file).read_text().strip() if args.key_file else ""
+        except OSError as error:
+            raise FailedPrecondition(f"cannot read {args.key_file}: {error.strerror}") from None
+        return RbdTarget(args.pool, args.image, args.monitors, args.user, key,
+                         namespace=args.namespace)
+
+    return nbd.run_cli_action(
+        lambda: RbdAttacher(args.state_dir, args.mode, None if args.no_fence else args.fence_after),
+        args.action, args.volume, make_target)
 
 if __name__ == "__main__":
     raise SystemExit(main())
