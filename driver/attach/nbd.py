@@ -150,18 +150,24 @@ class NbdAttacher:
 
     # --- the interface ---------------------------------------------------------------------
 
+    def _existing_for(self, volume_id: str, target) -> Attachment | None:
+        """The live attachment of the volume, if any; refused when it comes from another source."""
+        existing = self.find(volume_id)
+        if existing is not None:
+            other = self._other_source(self._vol(volume_id).record() or {}, target)
+            if other:
+                raise FailedPrecondition(f"volume {volume_id} is attached from {other}; "
+                                         "detach it first")
+        return existing
+
     def attach(self, volume_id: str, target: NbdTarget) -> Attachment:
         """The block device of the volume, attaching it if needed. Idempotent: an attachment
         that is complete and alive is returned as is (re-adopted after a plugin restart); a
         broken or half-made one is cleaned up first and made again."""
         target.check()
         vol = self._vol(volume_id)
-        existing = self.find(volume_id)
+        existing = self._existing_for(volume_id, target)
         if existing is not None:
-            other = self._other_source(vol.record() or {}, target)
-            if other:
-                raise FailedPrecondition(f"volume {volume_id} is attached from {other}; "
-                                         "detach it first")
             _log.info("nbd attach: already attached", volume_id=volume_id,
                       device=existing.device, method=existing.method)
             return existing

@@ -382,12 +382,8 @@ class RbdAttacher(nbd.NbdAttacher):
 
     def _attach_krbd(self, volume_id: str, target: RbdTarget) -> Attachment:
         vol = self._vol(volume_id)
-        existing = self.find(volume_id)
+        existing = self._existing_for(volume_id, target)
         if existing is not None:
-            other = self._other_source(vol.record() or {}, target)
-            if other:
-                raise FailedPrecondition(f"volume {volume_id} is attached from {other}; "
-                                         "detach it first")
             return existing
         if vol.path.exists():
             self.detach(volume_id)

@@ -970,23 +970,11 @@ class CephBackend(Backend):
 
     @staticmethod
     def _parse_volume(volume_id: str, cluster_id: str) -> re.Match:
-        m = VOLUME_ID.fullmatch(volume_id)
-        if m is None:
-            raise NotFound(f"volume {volume_id!r} does not exist (not a Ceph volume id)")
-        if m["cluster"] != cluster_id:
-            raise InvalidArgument(f"volume {volume_id} is in Ceph cluster {m['cluster']}, not "
-                                  f"{cluster_id}: copies between clusters are not supported")
-        return m
+        return _parse_in_cluster(VOLUME_ID, volume_id, cluster_id, "volume")
 
     @staticmethod
     def _parse_snapshot(snapshot_id: str, cluster_id: str) -> re.Match:
-        m = SNAPSHOT_ID.fullmatch(snapshot_id)
-        if m is None:
-            raise NotFound(f"snapshot {snapshot_id!r} does not exist (not a Ceph snapshot id)")
-        if m["cluster"] != cluster_id:
-            raise InvalidArgument(f"snapshot {snapshot_id} is in Ceph cluster {m['cluster']}, not "
-                                  f"{cluster_id}: copies between clusters are not supported")
-        return m
+        return _parse_in_cluster(SNAPSHOT_ID, snapshot_id, cluster_id, "snapshot")
 
     def _materialize(self, s: _Session, ioctx, volume_id: str, record: dict) -> None:
         """Bring a reserved volume to "ready"; every step is idempotent, so this finishes a
@@ -1472,3 +1460,14 @@ class CephBackend(Backend):
 
     def node_condition(self, volume_id: str) -> Condition:
         return self._require_attacher().condition(volume_id)
+
+
+def _parse_in_cluster(pattern: re.Pattern, object_id: str, cluster_id: str, what: str) -> re.Match:
+    """The parts of a volume or snapshot id that must lie in `cluster_id` (a copy source)."""
+    m = pattern.fullmatch(object_id)
+    if m is None:
+        raise NotFound(f"{what} {object_id!r} does not exist (not a Ceph {what} id)")
+    if m["cluster"] != cluster_id:
+        raise InvalidArgument(f"{what} {object_id} is in Ceph cluster {m['cluster']}, not "
+                              f"{cluster_id}: copies between clusters are not supported")
+    return m
