@@ -56,6 +56,11 @@ def nbdkit_pids(below: Path) -> list[int]:
     return found
 
 
+def parent_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("\nPPid:\t", 1)[1].split("\n", 1)[0])
+
+
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while True:
@@ -440,6 +445,11 @@ def test_killed_server_takes_nbdkit_along_and_a_restart_serves_its_volumes(keys)
         pattern = write_pattern(server, vid(60), server.workdir, seed=3)
         (server.data_dir / "exports" / vid(60)).unlink()  # as if a crash came mid-delete
         (server.data_dir / "exports" / "stale").write_bytes(b"x")
+        # nbdkit's parent must outlive the server: nbdkit asks for SIGTERM when its parent
+        # dies, and a SIGTERM'd nbdkit fails requests with ESHUTDOWN (EIO on the node).
+        [nbdkit] = nbdkit_pids(server.workdir)
+        watchdog = parent_of(nbdkit)
+        assert watchdog != server.process.pid and parent_of(watchdog) == server.process.pid
         server.stop(signal.SIGKILL)
         wait_for(lambda: not nbdkit_pids(server.workdir), 5, "nbdkit to exit with its parent")
 

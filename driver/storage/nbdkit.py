@@ -10,14 +10,15 @@
 - `--tls=require --tls-psk=FILE`: plaintext and unknown or wrong keys are refused at the
   handshake. GnuTLS reads FILE at every handshake, so identities are added and revoked by
   editing the file, without a restart (measured with nbdkit 1.32).
-- nbdkit dies with the server by SIGKILL, sent by a watchdog process (driver.storage.watchdog)
-  that sees the server's end of a pipe close, and `stop` kills it too. Not SIGTERM: on SIGTERM
-  nbdkit shuts down gracefully and answers requests still in flight with ESHUTDOWN, which a
-  node's filesystem sees as EIO; after SIGKILL the node's NBD client reconnects and resends
-  (tests/test_remote_disk.py: kill -9 of the server under fsync'd writes, no error). nbdkit
-  in the foreground sets its parent-death signal to SIGTERM itself (seen with strace), which
-  is why a watchdog does the job. Writes nbdkit acknowledged are in the kernel's page cache
-  already, so killing it loses nothing.
+- nbdkit dies with the server by SIGKILL, and `stop` kills it the same way. Not SIGTERM: on
+  SIGTERM nbdkit shuts down gracefully and answers requests that arrive meanwhile with
+  ESHUTDOWN, which a node's filesystem sees as EIO; after SIGKILL the node's NBD client
+  reconnects and resends (tests/test_remote_disk.py: kill -9 of the server under fsync'd
+  writes, no error). nbdkit sets its own parent-death signal to SIGTERM, so its parent is a
+  watchdog process (driver.storage.watchdog) that outlives the server until it has killed
+  nbdkit; with the server as the parent, the SIGTERM raced the SIGKILL and sometimes won.
+  Writes nbdkit acknowledged are in the kernel's page cache already, so killing it loses
+  nothing.
 - `--pidfile` is written once nbdkit accepts connections: that is "ready".
 - No `--filter=fua fuamode=force`. NBD, like a disk with a volatile write cache, promises
   durability only for writes covered by a FLUSH or sent with FUA, and both reach the file
@@ -63,7 +64,8 @@ class Nbdkit:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._first_outcome = threading.Event()
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen | None = None  # the watchdog, nbdkit's parent
+        self._nbdkit_pid: int | None = None
         self._ready_at: float | None = None
         self._ever_ready = False
         self._stderr_tail = collections.deque(maxlen=20)
@@ -105,10 +107,18 @@ class Nbdkit:
     def stop(self) -> None:
         with self._lock:
             self._stopping.set()
-            process = self._process
+            process, nbdkit_pid = self._process, self._nbdkit_pid
         if process is not None:
-            process.kill()  # not terminate: see the module docstring
-            process.wait(STOP_TIMEOUT)
+            process.terminate()  # the watchdog then SIGKILLs nbdkit: see the module docstring
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _log.error("nbdkit's watchdog did not stop; killing both", pid=process.pid)
+                if nbdkit_pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(nbdkit_pid, signal.SIGKILL)
+                process.kill()
+                process.wait(STOP_TIMEOUT)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(STOP_TIMEOUT)
 
@@ -119,7 +129,7 @@ class Nbdkit:
 
     def pid(self) -> int | None:
         with self._lock:
-            return self._process.pid if self._process is not None and self._ready_at is not None else None
+            return self._nbdkit_pid if self._ready_at is not None else None
 
     def open_files(self) -> set[tuple[int, int]]:
         """(device, inode) of every file nbdkit has open. Compared by inode, not by name,
@@ -150,34 +160,30 @@ class Nbdkit:
                     return
                 self.pidfile.unlink(missing_ok=True)
                 self._stderr_tail.clear()
-                # In its own session: a Ctrl-C or a signal to the server's process group
-                # reaches the server, which then stops nbdkit itself, in order.
-                process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True, errors="replace", start_new_session=True)
-                self._process = process
-            watchdog_pipe = _start_watchdog(process.pid)
+                process, watchdog_pipe = _start_under_watchdog(self.argv())
+                self._process, self._nbdkit_pid = process, None
             started = time.monotonic()
             drain = threading.Thread(target=self._drain, args=(process,), name="nbdkit-stderr",
                                      daemon=True)
             drain.start()
             if self._await_ready(process):
-                _log.info("nbdkit ready", pid=process.pid, address=f"{self.host}:{self.port}",
+                _log.info("nbdkit ready", pid=self._nbdkit_pid, address=f"{self.host}:{self.port}",
                           tls=bool(self.psk_file), restarts=self.restarts)
             self._first_outcome.set()
             returncode = process.wait()
-            os.close(watchdog_pipe)  # the watchdog sees end of file and exits
+            os.close(watchdog_pipe)
             drain.join(1.0)  # so the exit is logged with nbdkit's last words
             ran = time.monotonic() - started
             with self._lock:
-                self._process, self._ready_at = None, None
+                nbdkit_pid = self._nbdkit_pid
+                self._process, self._nbdkit_pid, self._ready_at = None, None, None
                 if self._stopping.is_set():
-                    _log.info("nbdkit stopped", pid=process.pid, rc=returncode)
+                    _log.info("nbdkit stopped", pid=nbdkit_pid, rc=returncode)
                     return
             if ran >= STABLE_SECONDS:
                 backoff = FIRST_BACKOFF
             self.restarts += 1
-            _log.warning("nbdkit exited; restarting", pid=process.pid, rc=returncode,
+            _log.warning("nbdkit exited; restarting", pid=nbdkit_pid, rc=returncode,
                          ran_s=round(ran, 1), restart_in_s=backoff, restarts=self.restarts,
                          stderr=" / ".join(self._stderr_tail))
             if self._stopping.wait(backoff):
@@ -187,15 +193,16 @@ class Nbdkit:
     def _await_ready(self, process: subprocess.Popen) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
         while process.poll() is None and not self._stopping.is_set():
-            if self.pidfile.exists() and self.pidfile.read_text().strip() == str(process.pid):
+            nbdkit_pid = _child_pid_in(self.pidfile, process.pid)
+            if nbdkit_pid is not None:
                 with self._lock:
+                    self._nbdkit_pid = nbdkit_pid
                     self._ready_at = time.monotonic()
                     self._ever_ready = True
                 return True
             if time.monotonic() > deadline:
-                _log.error("nbdkit not ready in time; killing it", pid=process.pid,
-                           timeout_s=READY_TIMEOUT)
-                process.kill()
+                _log.error("nbdkit not ready in time; killing it", timeout_s=READY_TIMEOUT)
+                process.terminate()
                 return False
             time.sleep(0.05)
         return False
@@ -207,7 +214,7 @@ class Nbdkit:
             line = line.rstrip()
             if line:
                 self._stderr_tail.append(line)
-                _log.warning("nbdkit says", pid=process.pid, line=line)
+                _log.warning("nbdkit says", line=line)
 
 
 # --- the PSK file (nbdkit's format: one `identity:hexkey` line per client) ---
@@ -251,13 +258,27 @@ def add_psk_identity(path: Path, identity: str) -> None:
 
 
 
-def _start_watchdog(pid: int) -> int:
-    """Start the watchdog that SIGKILLs `pid` when this process dies; return the pipe end to
-    keep open (and close once `pid` has exited)."""
-    read_end, write_end = os.pipe()  # not inheritable: nbdkit never holds the write end
+def _start_under_watchdog(argv: list[str]) -> tuple[subprocess.Popen, int]:
+    """Start nbdkit as the child of a watchdog that SIGKILLs it when this process dies; return
+    the watchdog and the pipe end to keep open until the watchdog has exited."""
+    read_end, write_end = os.pipe()  # not inheritable: no other child holds the write end
     try:
-        subprocess.Popen([sys.executable, "-m", "driver.storage.watchdog", str(pid)],
-                         stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True)
+        # In its own session: a Ctrl-C or a signal to the server's process group reaches
+        # the server, which then stops nbdkit itself, in order.
+        watchdog = subprocess.Popen([sys.executable, "-m", "driver.storage.watchdog", *argv],
+                                    stdin=read_end, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, errors="replace",
+                                    start_new_session=True)
     finally:
         os.close(read_end)
-    return write_end
+    return watchdog, write_end
+
+
+def _child_pid_in(pidfile: Path, parent: int) -> int | None:
+    """The pid written in `pidfile` if that process is a child of `parent`, else None."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if f"\nPPid:\t{parent}\n" in status else None
