@@ -37,6 +37,9 @@ def _plugin_parser(commands) -> None:
                              f"repeatable (default {DEFAULT_PUBLISH_ROOT})")
     plugin.add_argument("--max-volumes", type=int, default=256,
                         help="volumes this node can attach (reported in NodeGetInfo)")
+    plugin.add_argument("--nodes", default="", metavar="kubernetes|NODE,...",
+                        help="the node ids ControllerPublish accepts: 'kubernetes' to read CSINode "
+                             "objects, or a list (with --role all, this node is always known)")
     plugin.add_argument("--local-reserve", type=parse_size, default=0,
                         help="space on the state directory's filesystem that local volumes "
                              "must leave free, e.g. 10Gi")
@@ -65,6 +68,8 @@ def _plugin_parser(commands) -> None:
                            "clusterID; re-read on change. cephx keys come from the request secrets")
     ceph.add_argument("--rbd-attach", choices=("auto", "krbd", "userspace"), default="auto",
                       help="kernel RBD (krbd) when the node has it (auto), or force one path")
+    plugin.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     plugin.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     plugin.set_defaults(run=_run_plugin)
 
@@ -94,7 +99,8 @@ def _run_plugin(args) -> int:
                  storage_server_port=args.storage_server_port, storage_tls_dir=args.storage_tls_dir,
                  nbd_psk_file=args.nbd_psk_file, nbd_psk_identity=args.nbd_psk_identity,
                  nbd_attach=args.nbd_attach, ceph_config=args.ceph_config,
-                 rbd_attach=args.rbd_attach, driver_name=args.driver_name, types=args.types)
+                 rbd_attach=args.rbd_attach, driver_name=args.driver_name, types=args.types,
+                 nodes=args.nodes, metrics_address=args.metrics_address)
     return 0
 
 

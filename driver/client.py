@@ -64,7 +64,9 @@ def add_parsers(commands, default_endpoint: str) -> None:
     delete.add_argument("volume_id")
     delete.set_defaults(run=_delete)
 
-    publish = verbs.add_parser("publish", help="NodeStageVolume + NodePublishVolume")
+    publish = verbs.add_parser(
+        "publish", help="ControllerPublishVolume (when the plugin has it) + NodeStageVolume + "
+                        "NodePublishVolume, on the plugin's own node")
     publish.add_argument("volume_id")
     publish.add_argument("--target", required=True, help="where the volume appears")
     publish.add_argument("--block", action="store_true", help="publish the raw block device")
@@ -72,7 +74,9 @@ def add_parsers(commands, default_endpoint: str) -> None:
     publish.add_argument("--fs", default="", help="filesystem when formatting (default: the volume's)")
     publish.set_defaults(run=_publish)
 
-    unpublish = verbs.add_parser("unpublish", help="NodeUnpublishVolume + NodeUnstageVolume")
+    unpublish = verbs.add_parser(
+        "unpublish", help="NodeUnpublishVolume + NodeUnstageVolume + ControllerUnpublishVolume "
+                          "(when the plugin has it)")
     unpublish.add_argument("volume_id")
     unpublish.add_argument("--target", required=True)
     unpublish.set_defaults(run=_unpublish)
@@ -222,6 +226,8 @@ def _show(args) -> int:
             print(f"restored from snapshot: {source.snapshot.snapshot_id}")
         if source.HasField("volume"):
             print(f"cloned from volume: {source.volume.volume_id}")
+        if got.status.published_node_ids:
+            print(f"published to node: {', '.join(got.status.published_node_ids)}")
     return _run(args, action)
 
 
@@ -285,6 +291,17 @@ def _staging_path(target: str, volume_id: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(target)), f".polyvol-staging-{digest}")
 
 
+def _publishes(stubs) -> bool:
+    answer = stubs.call(stubs.controller.ControllerGetCapabilities,
+                        csi_pb2.ControllerGetCapabilitiesRequest())
+    return any(c.rpc.type == csi_pb2.ControllerServiceCapability.RPC.PUBLISH_UNPUBLISH_VOLUME
+               for c in answer.capabilities)
+
+
+def _node_id(stubs) -> str:
+    return stubs.call(stubs.node.NodeGetInfo, csi_pb2.NodeGetInfoRequest()).node_id
+
+
 def _publish(args) -> int:
     def action(stubs, args):
         target = os.path.abspath(args.target)
@@ -293,13 +310,22 @@ def _publish(args) -> int:
         volume = stubs.call(stubs.controller.ControllerGetVolume,
                             csi_pb2.ControllerGetVolumeRequest(volume_id=args.volume_id)).volume
         capability = _capability(args.block, args.fs, args.readonly)
+        publish_context = {}
+        if _publishes(stubs):
+            # As Kubernetes does: record this node as the volume's one node first, and hand
+            # the node what the controller says now (e.g. a storage server's current address).
+            publish_context = stubs.call(stubs.controller.ControllerPublishVolume,
+                                         csi_pb2.ControllerPublishVolumeRequest(
+                                             volume_id=args.volume_id, node_id=_node_id(stubs),
+                                             volume_capability=capability,
+                                             readonly=args.readonly)).publish_context
         stubs.call(stubs.node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest(
             volume_id=args.volume_id, staging_target_path=staging, volume_capability=capability,
-            volume_context=volume.volume_context))
+            volume_context=volume.volume_context, publish_context=publish_context))
         stubs.call(stubs.node.NodePublishVolume, csi_pb2.NodePublishVolumeRequest(
             volume_id=args.volume_id, staging_target_path=staging, target_path=target,
             volume_capability=capability, readonly=args.readonly,
-            volume_context=volume.volume_context))
+            volume_context=volume.volume_context, publish_context=publish_context))
         print(f"{args.volume_id} published at {target}" + (" (raw block)" if args.block else ""))
     return _run(args, action)
 
@@ -314,5 +340,9 @@ def _unpublish(args) -> int:
             volume_id=args.volume_id, staging_target_path=staging))
         if os.path.isdir(staging):
             os.rmdir(staging)
+        if _publishes(stubs):
+            stubs.call(stubs.controller.ControllerUnpublishVolume,
+                       csi_pb2.ControllerUnpublishVolumeRequest(volume_id=args.volume_id,
+                                                                node_id=_node_id(stubs)))
         print(f"{args.volume_id} unpublished from {target}")
     return _run(args, action)

@@ -7,11 +7,13 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 from . import fs
 from .backends import Registry
 from .backends.base import CreateRequest, Volume, choose_size
-from .errors import Aborted, InvalidArgument, NotFound, Unavailable
+from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .locks import OperationLocks
-from .parameters import APP_REPLICAS, CTX_COPIES, CTX_TYPE, FS_TYPE, TYPE
+from .parameters import (APP_REPLICAS, CTX_COPIES, CTX_READONLY, CTX_TYPE, FS_TYPE,
+                         TOPOLOGY_NODE_KEY, TYPE)
 from .proto import csi_pb2, csi_pb2_grpc
-from .rpc import check_capabilities, content_source, check_capability, is_block, method, page, require
+from .rpc import (check_capabilities, check_capability, content_source, is_block, is_readonly_mode,
+                  method, page, require)
 
 Cap = csi_pb2.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (
@@ -19,13 +21,19 @@ CAPABILITIES = (
     Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME, Cap.EXPAND_VOLUME, Cap.VOLUME_CONDITION,
     Cap.GET_VOLUME, Cap.SINGLE_NODE_MULTI_WRITER, Cap.GET_SNAPSHOT,
 )
+# Advertised when a served backend publishes (network classes): then Kubernetes attaches
+# each volume to one node through ControllerPublish before the node stages it.
+PUBLISH_CAPABILITIES = (Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY,
+                        Cap.LIST_VOLUMES_PUBLISHED_NODES)
 BLOCK_MIN_BYTES = 1 << 20
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, registry: Registry, locks: OperationLocks):
+    def __init__(self, registry: Registry, locks: OperationLocks, nodes):
         self.registry = registry
         self.locks = locks
+        self.nodes = nodes  # nodes.StaticNodes or nodes.KubernetesNodes
+        self.publishes = any(b.publishes for b in registry.backends)
 
     @method
     def CreateVolume(self, request, context):
@@ -98,6 +106,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             entries.append(csi_pb2.ListVolumesResponse.Entry(
                 volume=_volume_message(volume),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    published_node_ids=_published_nodes(volume),
                     volume_condition=_condition_message(condition))))
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
 
@@ -119,7 +128,38 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetCapabilities(self, request, context):
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=c))
-            for c in CAPABILITIES])
+            for c in CAPABILITIES + (PUBLISH_CAPABILITIES if self.publishes else ())])
+
+    @method
+    def ControllerPublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.node_id, "node_id")
+        require(request.HasField("volume_capability"), "volume_capability")
+        check_capability(request.volume_capability)
+        backend = self.registry.for_id(request.volume_id)
+        readonly = request.readonly or is_readonly_mode(request.volume_capability)
+        with self.locks.hold(request.volume_id, "ControllerPublishVolume"):
+            volume = backend.get_volume(request.volume_id)
+            self.nodes.check(request.node_id)
+            if not backend.publishes:
+                # A node-local volume is not attached from here: it lives on its node already.
+                _check_local_node(volume, request.node_id)
+                return csi_pb2.ControllerPublishVolumeResponse()
+            publish_context = backend.publish(request.volume_id, request.node_id, readonly)
+        return csi_pb2.ControllerPublishVolumeResponse(
+            publish_context={**publish_context, CTX_READONLY: "true" if readonly else "false"})
+
+    @method
+    def ControllerUnpublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        try:
+            backend = self.registry.for_id(request.volume_id)
+        except NotFound:
+            return csi_pb2.ControllerUnpublishVolumeResponse()
+        if backend.publishes:
+            with self.locks.hold(request.volume_id, "ControllerUnpublishVolume"):
+                backend.unpublish(request.volume_id, request.node_id)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
 
     @method
     def CreateSnapshot(self, request, context):
@@ -194,7 +234,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     abnormal=True, message=str(unreachable))))
         return csi_pb2.ControllerGetVolumeResponse(
             volume=_volume_message(volume),
-            status=Status(volume_condition=_condition_message(backend.condition(request.volume_id))))
+            status=Status(published_node_ids=_published_nodes(volume),
+                          volume_condition=_condition_message(backend.condition(request.volume_id))))
 
 
 def _fs_type(capabilities, class_fs: str) -> str:
@@ -243,6 +284,19 @@ def _snapshot_message(snapshot) -> csi_pb2.Snapshot:
     return csi_pb2.Snapshot(size_bytes=snapshot.size_bytes, snapshot_id=snapshot.snapshot_id,
                             source_volume_id=snapshot.source_volume_id, creation_time=created,
                             ready_to_use=snapshot.ready)
+
+
+def _published_nodes(volume: Volume) -> list[str]:
+    return [volume.publication.node_id] if volume.publication else []
+
+
+def _check_local_node(volume: Volume, node_id: str) -> None:
+    """A node-local volume can only be used on the node that holds it."""
+    holders = {segment[TOPOLOGY_NODE_KEY] for segment in volume.topology
+               if TOPOLOGY_NODE_KEY in segment}
+    if holders and node_id not in holders:
+        raise FailedPrecondition(f"volume {volume.volume_id} lives on node {', '.join(sorted(holders))} "
+                                 f"and cannot be used on {node_id}")
 
 
 def _condition_message(condition) -> csi_pb2.VolumeCondition:

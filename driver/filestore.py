@@ -89,9 +89,14 @@ class FileStore:
         if size_bytes < source_record["size_bytes"]:
             raise OutOfRange(f"the requested size {size_bytes} is smaller than the source "
                              f"({source_record['size_bytes']} bytes); request at least that much")
+        fresh = False  # the directory is made by this call: nothing can be left in it
         if record is None:
             self.check_room(size_bytes)
-            directory.mkdir(exist_ok=True)
+            try:
+                directory.mkdir()
+                fresh = True
+            except FileExistsError:
+                pass
         elif (record["size_bytes"], record["source_snapshot_id"], record["source_volume_id"]) \
                 != (size_bytes, source_snapshot_id, source_volume_id):
             # A crash left a half-made volume of another request (never answered) under this
@@ -105,8 +110,9 @@ class FileStore:
             # An empty sparse file is made in one quick step that is simply redone on a retry,
             # so it needs no "creating" record (two fsyncs fewer on the common path): a crash
             # before the record below leaves a directory without one, which nothing lists.
-            for leftover in (directory / DISK, directory / f"{DISK}.partial"):
-                leftover.unlink(missing_ok=True)
+            if not fresh:
+                for leftover in (directory / DISK, directory / f"{DISK}.partial"):
+                    leftover.unlink(missing_ok=True)
         else:
             state.write_atomic(directory / META, record)
         self._fill(directory / DISK, source, size_bytes, quiesce)
@@ -122,15 +128,21 @@ class FileStore:
 
     def _fill(self, disk: Path, source: Path | None, size_bytes: int, quiesce) -> None:
         """Make `disk` a sparse file of `size_bytes`, holding a copy of `source` if given."""
+        if source is None:  # the caller removed any earlier file: make it in place
+            # The volume's storage itself (the counterpart of unlinking it on delete): kernel
+            # work on the volume, accounted like a command's time.
+            with command.kernel("create data file"):
+                fd = os.open(disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                try:
+                    os.ftruncate(fd, size_bytes)
+                finally:
+                    os.close(fd)
+            return
         partial = disk.with_name(disk.name + ".partial")
         if not disk.exists():
-            if source is None:
-                with open(partial, "wb") as out:
-                    out.truncate(size_bytes)
-            else:
-                with (quiesce(source) if quiesce else contextlib.nullcontext()):
-                    command.run(["cp", "--reflink=auto", "--sparse=always", source, partial],
-                                timeout=COPY_TIMEOUT)
+            with (quiesce(source) if quiesce else contextlib.nullcontext()):
+                command.run(["cp", "--reflink=auto", "--sparse=always", source, partial],
+                            timeout=COPY_TIMEOUT)
             os.replace(partial, disk)
         if disk.stat().st_size < size_bytes:
             os.truncate(disk, size_bytes)
@@ -206,12 +218,19 @@ class FileStore:
         vfs = os.statvfs(self.root)
         free = vfs.f_bavail * vfs.f_frsize
         # Sparse files have only been promised their size; what they have not written yet
-        # is still free on disk but already spoken for.
+        # is still free on disk but already spoken for. (Every CreateVolume asks: plain os
+        # calls, one stat per volume.)
         promised = 0
-        for disk in [*self.volumes_dir.glob(f"*/{DISK}"), *self.snapshots_dir.glob(f"*/{DISK}")]:
-            with contextlib.suppress(FileNotFoundError):
-                st = disk.stat()
-                promised += max(0, st.st_size - st.st_blocks * 512)
+        for directory in (self.volumes_dir, self.snapshots_dir):
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        st = os.stat(f"{entry.path}/{DISK}")
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    promised += max(0, st.st_size - st.st_blocks * 512)
         return max(0, free - promised - self.reserve_bytes)
 
     def total_bytes(self) -> int:
@@ -238,8 +257,23 @@ class FileStore:
         doomed = self.trash_dir / f"{directory.name}.{time.monotonic_ns()}"
         os.rename(directory, doomed)
         state.fsync_dir(directory.parent)
-        shutil.rmtree(doomed)
+        self._remove(doomed)
         return True
+
+    @staticmethod
+    def _remove(doomed: Path) -> None:
+        """Remove a directory already renamed into trash/. The data file goes first, on its
+        own: the kernel freeing its blocks is the delete's real work (accounted like a
+        command's time); the record and the directory are the store's bookkeeping."""
+        with command.kernel("unlink data file"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(doomed / DISK)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(doomed / META)
+        try:
+            os.rmdir(doomed)
+        except OSError:  # something else in there (a .partial, a temporary record): all of it
+            shutil.rmtree(doomed)
 
     def _empty_trash(self) -> None:
         for leftover in self.trash_dir.iterdir():

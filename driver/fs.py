@@ -37,12 +37,27 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field) if "\\" in field else field
 
 
+def _escape(path: str) -> str:
+    """A path as mountinfo writes it (the inverse of `_unescape`)."""
+    for char in "\\ \t\n":
+        if char in path:
+            path = path.replace(char, f"\\{ord(char):03o}")
+    return path
+
+
+def _read_mountinfo() -> str:
+    with open("/proc/self/mountinfo") as table:
+        return table.read()
+
+
 def mounts(mountinfo: str | None = None) -> list[Mount]:
     """Every mount in this process's namespace; `mountinfo` is that file's text (tests pass their own)."""
-    if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
+    return _parse((_read_mountinfo() if mountinfo is None else mountinfo).splitlines())
+
+
+def _parse(lines) -> list[Mount]:
     result = []
-    for line in mountinfo.splitlines():
+    for line in lines:
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         result.append(Mount(int(fields[0]), fields[2], _unescape(fields[3]), _unescape(fields[4]),
@@ -50,9 +65,19 @@ def mounts(mountinfo: str | None = None) -> list[Mount]:
     return result
 
 
+def _mounts_with(needle: str) -> list[Mount]:
+    """The mounts whose mountinfo line contains `needle`: a node has hundreds of mounts and a
+    lookup wants one or two, so only the lines that can match are parsed (the caller still
+    checks the field it wanted)."""
+    text = _read_mountinfo()
+    if needle not in text:
+        return []
+    return _parse(line for line in text.splitlines() if needle in line)
+
+
 def mounts_at(target: str) -> list[Mount]:
     target = os.path.normpath(target)
-    return [m for m in mounts() if m.target == target]
+    return [m for m in _mounts_with(f" {_escape(target)} ") if m.target == target]
 
 
 def is_mounted(target: str) -> bool:
@@ -66,7 +91,7 @@ def device_number(device: str) -> str:
 
 def mounts_of_device(device: str) -> list[Mount]:
     number = device_number(device)
-    return [m for m in mounts() if m.device == number]
+    return [m for m in _mounts_with(f" {number} ") if m.device == number]
 
 
 def probe_fs(device: str) -> str | None:
@@ -75,10 +100,12 @@ def probe_fs(device: str) -> str | None:
     return found.stdout.strip() or None
 
 
-def ensure_formatted(device: str, fstype: str) -> None:
+def ensure_formatted(device: str, fstype: str) -> bool:
+    """Make a `fstype` filesystem on a blank device; True when this call made it (it then
+    fills the device: nothing to grow), False when the device already had one."""
     existing = probe_fs(device)
     if existing == fstype:
-        return
+        return False
     if existing is not None:
         raise FailedPrecondition(
             f"{device} already holds a {existing} filesystem, not {fstype}: "
@@ -91,6 +118,7 @@ def ensure_formatted(device: str, fstype: str) -> None:
         command.run(["mkfs.xfs", "-q", "-f", "-K", device])
     else:
         raise InvalidArgument(f"fsType {fstype!r} is not supported; use one of {', '.join(SUPPORTED_FS)}")
+    return True
 
 
 def ensure_mounted(device: str, target: str, fstype: str, flags=()) -> None:
@@ -135,19 +163,23 @@ def bind_targets(source: str) -> list[str]:
 def _is_bind_of(source: str, mount: Mount, every: list[Mount] | None = None) -> bool:
     if os.path.isdir(source):
         source = os.path.normpath(source)
-        below = [m for m in (every or mounts()) if m.target == source]
+        below = ([m for m in every if m.target == source] if every is not None
+                 else mounts_at(source))
         return bool(below) and (below[-1].device, below[-1].root) == (mount.device, mount.root)
     # A bound device node shows up as a mount of devtmpfs whose root is the node's path in /dev.
     return mount.root == "/" + os.path.relpath(os.path.realpath(source), "/dev")
 
 
 def ensure_unmounted(target: str) -> None:
-    """Unmount everything stacked on `target` (bounded), leaving the path itself in place."""
-    for _ in range(UMOUNT_ATTEMPTS):
-        if not is_mounted(target):
-            return
+    """Unmount everything stacked on `target` (bounded), leaving the path itself in place.
+
+    mountinfo is read once: each umount that succeeds takes the top mount off the stack it
+    shows, so as many umounts as it lists are the job; only a stack taller than the bound
+    is looked at again."""
+    stacked = len(mounts_at(target))
+    for _ in range(min(stacked, UMOUNT_ATTEMPTS)):
         command.run(["umount", target])
-    if is_mounted(target):
+    if stacked > UMOUNT_ATTEMPTS and is_mounted(target):
         raise FailedPrecondition(f"{target} is still mounted after {UMOUNT_ATTEMPTS} unmounts")
 
 
@@ -184,15 +216,41 @@ def grow_unmounted(device: str, fstype: str) -> None:
     restored into a larger size. XFS can only grow mounted; `grow` does that."""
     if fstype != "ext4":
         return
-    header = command.run(["dumpe2fs", "-h", device]).stdout
-    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
-    fs_bytes = int(fields["Block count"]) * int(fields["Block size"])
-    if fs_bytes >= block_size_bytes(device):
+    fs_bytes, device_bytes = _ext4_bytes(device)
+    if fs_bytes is None:  # not a superblock this code reads: let the e2fsprogs judge it
+        header = command.run(["dumpe2fs", "-h", device]).stdout
+        fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+        fs_bytes = int(fields["Block count"]) * int(fields["Block size"])
+    if fs_bytes >= device_bytes:
         return
     # resize2fs wants a freshly checked filesystem; -p replays the journal (a snapshot of a
     # mounted volume has one to replay) and fixes only what is safe without a human.
     command.run(["e2fsck", "-f", "-p", device], ok_codes=(0, 1), timeout=3600)
     command.run(["resize2fs", device], timeout=3600)
+
+
+_EXT4_MAGIC = 0xEF53
+_EXT4_INCOMPAT_64BIT = 0x80
+
+
+def _ext4_bytes(device: str) -> tuple[int | None, int]:
+    """(bytes the ext4 filesystem on `device` spans, or None if its superblock does not look
+    like one; the device's size). Read from the primary superblock (1 KiB at offset 1024)
+    instead of starting dumpe2fs for two numbers: s_blocks_count (lo at 0x04, hi at 0x150
+    with the 64bit feature), s_log_block_size at 0x18, s_magic at 0x38, s_feature_incompat
+    at 0x60."""
+    with open(device, "rb", buffering=0) as dev:
+        device_bytes = dev.seek(0, os.SEEK_END)
+        block = os.pread(dev.fileno(), 1024, 1024)
+    if len(block) < 1024 or int.from_bytes(block[0x38:0x3A], "little") != _EXT4_MAGIC:
+        return None, device_bytes
+    log_block_size = int.from_bytes(block[0x18:0x1C], "little")
+    if log_block_size > 6:  # 1 KiB << 6 = 64 KiB, the largest ext4 block
+        return None, device_bytes
+    blocks = int.from_bytes(block[0x04:0x08], "little")
+    if int.from_bytes(block[0x60:0x64], "little") & _EXT4_INCOMPAT_64BIT:
+        blocks |= int.from_bytes(block[0x150:0x154], "little") << 32
+    return blocks * (1024 << log_block_size), device_bytes
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from .backends.base import CreateRequest
 from .backends.local import LocalBackend
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .locks import OperationLocks
-from .parameters import CTX_EPHEMERAL, DEFAULT_FS, FS_TYPE, TOPOLOGY_NODE_KEY, TYPE
+from .parameters import CTX_EPHEMERAL, CTX_READONLY, DEFAULT_FS, FS_TYPE, TOPOLOGY_NODE_KEY, TYPE
 from .proto import csi_pb2, csi_pb2_grpc
 from .rpc import AccessMode, check_capability, check_host_path, is_block, is_readonly_mode, method, require
 from .units import parse_size
@@ -47,9 +47,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.HasField("volume_capability"), "volume_capability")
         check_capability(request.volume_capability)
         backend = self.registry.for_id(request.volume_id)
+        # What the controller said at publish (the storage's current address) wins over what
+        # it said at create.
+        attach_context = {**request.volume_context, **request.publish_context}
         with self.locks.hold(request.volume_id, "NodeStageVolume"):
             attached_before = backend.find_attachment(request.volume_id)
-            attachment = backend.attach(request.volume_id, dict(request.volume_context))
+            attachment = backend.attach(request.volume_id, attach_context)
             try:
                 if not is_block(request.volume_capability):
                     self._mount_filesystem(attachment.device, staging, request.volume_capability,
@@ -72,14 +75,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     @staticmethod
     def _mount_filesystem(device: str, path: str, capability, volume_context: dict) -> None:
         fs_type = capability.mount.fs_type or volume_context.get(FS_TYPE) or DEFAULT_FS
-        fs.ensure_formatted(device, fs_type)
+        formatted = fs.ensure_formatted(device, fs_type)  # a new filesystem fills its device
         # The device may be larger than the filesystem: expanded while unstaged, or restored
         # from a smaller snapshot. Growing here makes that invisible to the pod; offline
         # while nothing has it mounted, since online ext4 growth needs CAP_SYS_RESOURCE.
-        if not fs.mounts_of_device(device):
+        if not formatted and not fs.mounts_of_device(device):
             fs.grow_unmounted(device, fs_type)
         fs.ensure_mounted(device, path, fs_type, capability.mount.mount_flags)
-        if fs_type == "xfs":  # XFS grows only while mounted
+        if fs_type == "xfs" and not formatted:  # XFS grows only while mounted
             fs.grow(device, path, fs_type)
 
     @method
@@ -105,7 +108,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = check_host_path(request.target_path, "target_path", self.publish_roots)
         require(request.HasField("volume_capability"), "volume_capability")
         check_capability(request.volume_capability)
-        readonly = request.readonly or is_readonly_mode(request.volume_capability)
+        readonly = (request.readonly or is_readonly_mode(request.volume_capability)
+                    or request.publish_context.get(CTX_READONLY) == "true")
         if request.volume_context.get(CTX_EPHEMERAL) == "true":
             with self.locks.hold(request.volume_id, "NodePublishVolume"):
                 self._publish_ephemeral(request, target, readonly)

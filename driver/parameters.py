@@ -19,6 +19,9 @@ TOPOLOGY_NODE_KEY = "topology.polyvol.csi.io/node"
 CTX_TYPE = "polyvol.csi.io/type"
 CTX_COPIES = "polyvol.csi.io/copies"
 CTX_EPHEMERAL = "csi.storage.k8s.io/ephemeral"
+# Key of the publish_context: the publication is read-only (ControllerPublish readonly or a
+# read-only access mode), so the node publishes the volume read-only whatever the pod asks.
+CTX_READONLY = "polyvol.csi.io/readonly"
 
 
 def check_common(parameters: dict) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from . import DRIVER_NAME, __version__, log
+from . import DRIVER_NAME, __version__, log, metrics
 from .backends import Registry
 from .attach.nbd import NbdAttacher
 from .attach.rbd import RbdAttacher
@@ -18,6 +18,7 @@ from .controller import ControllerService
 from .errors import InvalidArgument
 from .identity import IdentityService
 from .locks import OperationLocks
+from .nodes import KUBERNETES, KubernetesNodes, StaticNodes
 from .node import NodeService
 from .proto import csi_pb2_grpc
 from .signals import termination_event
@@ -42,6 +43,15 @@ def _server_directory(storage_servers: str, selector: str, namespace: str, port:
     return None
 
 
+def _node_registry(nodes: str, driver_name: str, own_node_id: str, serves_node: bool):
+    """--nodes: "kubernetes" (CSINode objects) or a comma-separated list of node ids; a
+    plugin that is a node itself always knows its own id."""
+    if nodes == KUBERNETES:
+        return KubernetesNodes(driver_name)
+    listed = [n.strip() for n in nodes.split(",") if n.strip()]
+    return StaticNodes([*listed, *([own_node_id] if serves_node else [])])
+
+
 def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, default_type: str,
                  publish_roots: list[str], max_volumes: int, local_reserve_bytes: int,
                  storage_servers: str = "", storage_server_selector: str = "",
@@ -49,7 +59,7 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
                  storage_tls_dir: str = "", nbd_psk_file: str = "", nbd_psk_identity: str = "",
                  nbd_attach: str = "auto", ceph_config: str = "", rbd_attach: str = "auto",
                  driver_name: str = DRIVER_NAME, types: list[str] | None = None,
-                 workers: int = 16) -> grpc.Server:
+                 nodes: str = "", workers: int = 16) -> grpc.Server:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     serves_node = role in ("node", "all")
@@ -84,7 +94,9 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
     serves_controller = role in ("controller", "all")
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(driver_name, serves_controller, readiness), server)
     if serves_controller:
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(registry, locks), server)
+        csi_pb2_grpc.add_ControllerServicer_to_server(
+            ControllerService(registry, locks, _node_registry(nodes, driver_name, node_id, serves_node)),
+            server)
     if serves_node:
         csi_pb2_grpc.add_NodeServicer_to_server(
             NodeService(registry, locks, node_id, state_dir, publish_roots, max_volumes), server)
@@ -96,7 +108,8 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
     return server
 
 
-def serve(**options) -> None:
+def serve(*, metrics_address: str = "", **options) -> None:
+    metrics.serve(metrics_address, options.get("driver_name", DRIVER_NAME))
     server = build_server(**options)
     server.start()
     _log.info("serving", driver=options.get("driver_name", DRIVER_NAME), version=__version__, endpoint=options["endpoint"],

@@ -6,6 +6,7 @@ control API and TLS-PSK for the NBD data plane.
         plugin = Plugin(workdir, extra_args=cluster.plugin_args, argv_prefix=cluster.node_prefix)
         ...
         cluster.stop_server("srv2"); cluster.start_server("srv2")
+        cluster.start_server("srv2", nbd_port=10810)  # its data plane moved: nodes must follow
 
 The CSI plugin (controller + node) runs in the "node" namespace (network namespace only:
 its mounts and loop devices are the machine's, as on a real node), so every connection to
@@ -78,14 +79,19 @@ class RemoteCluster:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start_server(self, name: str) -> None:
+    def nbd_address(self, name: str, nbd_port: int = NBD_PORT) -> str:
+        return f"{self.lab.address(name)}:{nbd_port}"
+
+    def start_server(self, name: str, nbd_port: int = NBD_PORT) -> None:
+        """Start (or restart) a server; another `nbd_port` is a server whose NBD address
+        changed since its volumes were created (as a rescheduled pod's IP does)."""
         address = self.lab.address(name)
         rack = f"rack{self.names.index(name) + 1}"
         log = open(self.log_path(name), "a")
         self.processes[name] = self.lab.popen(name, [
             sys.executable, "-m", "driver.cli", "storage-server", "--name", name,
             "--data-dir", str(self.data_dir(name)), "--listen", f"{address}:{CONTROL_PORT}",
-            "--nbd-listen", f"{address}:{NBD_PORT}", "--tls-dir", str(self.tls_dir),
+            "--nbd-listen", self.nbd_address(name, nbd_port), "--tls-dir", str(self.tls_dir),
             "--nbd-psk-file", str(self.psk_file), "--label", f"rack={rack}",
             "--reconnect-grace", str(self.reconnect_grace),
             *(["--insecure-nbd"] if name in self.insecure_nbd else [])],

@@ -7,14 +7,17 @@ ALREADY_EXISTS, copies read from the pools (3, 1.5, and a size-2 pool), GetCapac
 pool's max_avail, missing/malformed/wrong keys (fast, clear, never leaked), a plugin killed
 between image creation and its record, half-created volumes deleted completely, online
 expansion, snapshots, clones from snapshots and volumes, the flatten policy, deleting a
-volume that still has a snapshot, mount and block volumes written and read back, and I/O
-(fio crc32c verify, iodepth 32, mixed block sizes) continuing while an OSD is down.
+volume that still has a snapshot, mount and block volumes written and read back, I/O
+(fio crc32c verify, iodepth 32, mixed block sizes) continuing while an OSD is down, and
+ControllerPublish (one node per volume, recorded in Ceph; a lost node's volume moving to
+another node without waiting for the lost node's lock).
 """
 
 import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -25,6 +28,7 @@ import pytest
 
 from ceph_cluster import ceph_cluster  # noqa: F401 - the session fixture
 from conftest import MiB, Plugin, capability, clean_up_below
+from test_local_helpers import loops_under, mounts_under
 from driver.proto import csi_pb2
 
 pytestmark = pytest.mark.root
@@ -80,19 +84,47 @@ class Env:
         self.plugin.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
             snapshot_id=snapshot_id, secrets=self.secrets), timeout=120)
 
-    def stage(self, volume, name, block=False, secrets=None) -> str:
+    def stage(self, volume, name, block=False, secrets=None, plugin=None,
+              publish_context=None) -> str:
         """Stage and publish; returns the target path (a directory, or the block device file)."""
-        staging, target = self.plugin.path(name, "staging"), self.plugin.path(name, "target")
+        plugin = plugin or self.plugin
+        staging, target = plugin.path(name, "staging"), plugin.path(name, "target")
         os.makedirs(staging, exist_ok=True)
         cap = capability(block)
-        self.plugin.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        plugin.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
             volume_id=volume.volume_id, staging_target_path=staging, volume_capability=cap,
-            volume_context=volume.volume_context,
+            volume_context=volume.volume_context, publish_context=publish_context or {},
             secrets=self.secrets if secrets is None else secrets), timeout=120)
-        self.plugin.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        plugin.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
             volume_id=volume.volume_id, staging_target_path=staging, target_path=target,
-            volume_capability=cap, volume_context=volume.volume_context), timeout=120)
+            volume_capability=cap, volume_context=volume.volume_context,
+            publish_context=publish_context or {}), timeout=120)
         return target
+
+    def publish(self, volume, node_id, readonly=False, plugin=None, secrets=None):
+        """ControllerPublishVolume, as the csi-attacher sends it (with the controller-publish
+        secret); returns the response."""
+        return (plugin or self.plugin).controller.ControllerPublishVolume(
+            csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=volume.volume_id, node_id=node_id, readonly=readonly,
+                volume_capability=capability(), volume_context=volume.volume_context,
+                secrets=self.secrets if secrets is None else secrets), timeout=60)
+
+    def unpublish(self, volume, node_id, plugin=None, secrets=None):
+        (plugin or self.plugin).controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(
+                volume_id=volume.volume_id, node_id=node_id,
+                secrets=self.secrets if secrets is None else secrets), timeout=60)
+
+    def published_nodes(self, volume, plugin=None) -> tuple[list[str], list[str]]:
+        """published_node_ids as ControllerGetVolume and ListVolumes report them."""
+        controller = (plugin or self.plugin).controller
+        got = controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+            volume_id=volume.volume_id), timeout=60)
+        listed = [e for e in controller.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=60).entries
+                  if e.volume.volume_id == volume.volume_id]
+        assert len(listed) == 1, listed
+        return list(got.status.published_node_ids), list(listed[0].status.published_node_ids)
 
     def unstage(self, volume, name):
         self.plugin.unpublish_and_unstage(volume.volume_id, name)
@@ -125,7 +157,9 @@ class Env:
 def env(ceph_cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ceph")
     config = write_ceph_config(workdir / "ceph-config.json", ceph_cluster)
-    plugin = Plugin(workdir, extra_args=["--ceph-config", str(config)])
+    # --nodes: ControllerPublish accepts only node ids it knows (the plugin's own, node-test,
+    # and these two, which stand for other nodes of a cluster)
+    plugin = Plugin(workdir, extra_args=["--ceph-config", str(config), "--nodes", "node-a,node-b"])
     plugin.start()
     try:
         yield Env(ceph_cluster, plugin, config)
@@ -729,6 +763,185 @@ def test_io_continues_while_an_osd_is_down(env, tmp_path):
                 env.unstage(volume, f"osd-down-{class_type}")
             env.delete(volume.volume_id)
     print(f"HEALTH_OK again {c.wait_healthy(timeout=180):.1f}s after the OSD restarted")
+
+
+# --- ControllerPublish: one node per volume ----------------------------------------------------------
+
+PUBLISH_CAPABILITY = csi_pb2.ControllerServiceCapability.RPC.PUBLISH_UNPUBLISH_VOLUME
+
+
+@pytest.mark.parametrize("class_type", CLASSES)
+def test_publish_records_one_node_per_volume_in_ceph(env, tmp_path, class_type):
+    """A volume is published to one node, read-write or read-only; the publication is a record
+    in the pool (it survives a controller restart and is seen by any controller) and shows in
+    ControllerGetVolume and ListVolumes; unpublish is idempotent and ignores other nodes."""
+    precondition, exists = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS
+    capabilities = env.plugin.controller.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest(), timeout=60).capabilities
+    assert PUBLISH_CAPABILITY in [c.rpc.type for c in capabilities]
+    volume = env.create(f"publish-{class_type}", class_type)
+    pool, image = image_of(volume)
+    key = f"pub.{image.removeprefix('pv-')}"
+    controller = Plugin(tmp_path / "controller", extra_args=[
+        "--ceph-config", str(env.config), "--role", "controller", "--nodes", "node-a,node-b"])
+    try:
+        answer = env.publish(volume, "node-a")
+        assert dict(answer.publish_context) == {"polyvol.csi.io/readonly": "false"}
+        assert env.publish(volume, "node-a") == answer  # idempotent
+        record = json.loads(env.omap(pool)[key])
+        assert (record["schema"], record["node_id"], record["readonly"]) == (1, "node-a", False)
+        code, message, _ = code_of(lambda: env.publish(volume, "node-b"))
+        assert code == precondition and "node-a" in message, message
+        code, message, _ = code_of(lambda: env.publish(volume, "node-a", readonly=True))
+        assert code == exists and "read-write" in message, message
+        code, message, _ = code_of(lambda: env.publish(volume, "node-c"))
+        assert code == grpc.StatusCode.NOT_FOUND and "node-c" in message, message
+        assert env.published_nodes(volume) == (["node-a"], ["node-a"])
+        env.unpublish(volume, "node-b")  # published elsewhere: nothing to undo
+        assert json.loads(env.omap(pool)[key])["node_id"] == "node-a"
+
+        # Another controller process: it has no credentials until a request brings them (so
+        # the StorageClass names a controller-publish secret), then it sees the publication.
+        controller.start()
+        code, message, _ = code_of(lambda: env.publish(volume, "node-b", plugin=controller,
+                                                       secrets={}))
+        assert code == precondition and "credentials" in message, message
+        assert env.publish(volume, "node-a", plugin=controller) == answer
+        controller.restart(kill=True)
+        code, message, _ = code_of(lambda: env.publish(volume, "node-b", plugin=controller))
+        assert code == precondition and "node-a" in message, message
+        assert env.published_nodes(volume, plugin=controller) == (["node-a"], ["node-a"])
+        env.unpublish(volume, "node-a", plugin=controller)
+        env.unpublish(volume, "node-a", plugin=controller)  # idempotent
+        assert key not in env.omap(pool)
+        assert env.published_nodes(volume) == ([], [])
+
+        # free again: node-b read-only; "" unpublishes from whichever node has it
+        answer = env.publish(volume, "node-b", readonly=True)
+        assert dict(answer.publish_context) == {"polyvol.csi.io/readonly": "true"}
+        env.publish(volume, "node-b", readonly=True)
+        code, message, _ = code_of(lambda: env.publish(volume, "node-b"))
+        assert code == exists and "read-only" in message, message
+        assert env.published_nodes(volume, plugin=controller) == (["node-b"], ["node-b"])
+        env.unpublish(volume, "")
+        assert key not in env.omap(pool)
+        env.publish(volume, "node-a")
+    finally:
+        controller.stop()
+        # a published volume can be deleted (Kubernetes never does, but a stale publication
+        # must not pin a volume): its publication goes with its record
+        env.delete(volume.volume_id)
+    assert not [k for k in env.omap(pool) if image.removeprefix("pv-") in k]
+    for node in ("node-a", "node-b", ""):
+        env.unpublish(volume, node)  # the volume is gone: nothing to undo
+    code, _, _ = code_of(lambda: env.publish(volume, "node-a"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_publish_is_a_compare_and_swap_and_refuses_newer_records(env):
+    """Two controllers (or a DeleteVolume racing a publish) cannot both win: the record is
+    written only if what was read is unchanged. A record of a newer schema is refused, not
+    guessed at."""
+    import rados
+    from driver.backends import ceph
+    volume = env.create("publish-swap")
+    pool, image = image_of(volume)
+    key = f"pub.{image.removeprefix('pv-')}"
+    try:
+        with env.cluster.ioctx(pool) as ioctx:
+            backend = ceph.CephBackend
+            assert backend._omap_swap(ioctx, VOLUMES_OBJECT, {key: ""}, set_={key: '{"x": 1}'})
+            assert not backend._omap_swap(ioctx, VOLUMES_OBJECT, {key: ""}, set_={key: '{"x": 2}'})
+            assert not backend._omap_swap(ioctx, VOLUMES_OBJECT, {key: '{"x": 2}'}, remove=[key])
+            assert env.omap(pool)[key] == '{"x": 1}'
+            newer = json.dumps({"schema": 2, "node_id": "node-a", "readonly": False})
+            assert backend._omap_swap(ioctx, VOLUMES_OBJECT, {key: '{"x": 1}'}, set_={key: newer})
+        code, message, _ = code_of(lambda: env.publish(volume, "node-a"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "schema 2" in message, message
+        with env.cluster.ioctx(pool) as ioctx, rados.WriteOpCtx() as op:
+            ioctx.remove_omap_keys(op, (key,))
+            ioctx.operate_write_op(op, VOLUMES_OBJECT)
+    finally:
+        env.delete(volume.volume_id)
+
+
+def _helper_pids(below: Path, name: str) -> list[int]:
+    """Live processes called `name` whose command line names a path below `below`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+                state = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0]
+                if state != "Z" and name in argv and str(below) in argv:
+                    pids.append(int(entry))
+    return pids
+
+
+def test_a_lost_nodes_volume_moves_to_another_node(env, workdir):
+    """Node A stages the volume and writes; then A is lost: its plugin and its Ceph client die,
+    and the client's watch and exclusive lock linger (~30 s). Kubernetes' force-detach
+    (ControllerUnpublish from A) and the publish to node B answer at once: they never touch
+    the image, so nothing waits for A. B's stage fences A (blocklist) and reads A's data."""
+    # workdir: short paths (the attach's unix sockets live in the state directory)
+    nodes = {node: Plugin(workdir / node, node_id=node,
+                          extra_args=["--ceph-config", str(env.config), "--role", "node"])
+             for node in ("node-a", "node-b")}
+    name = "lost-node"
+    volume = env.create(name, size=128 * MiB)
+    pool, image = image_of(volume)
+    try:
+        for plugin in nodes.values():
+            plugin.start()
+        context = env.publish(volume, "node-a").publish_context
+        target = env.stage(volume, name, plugin=nodes["node-a"], publish_context=context)
+        Path(target, "marker").write_text("written on node A")
+        os.sync()
+        [owner] = json.loads(env.cluster.rbd("lock", "ls", f"{pool}/{image}", "--format", "json"))
+
+        nodes["node-a"].stop(kill=True)
+        for pid in _helper_pids(workdir / "node-a", "qemu-storage-daemon"):
+            os.kill(pid, signal.SIGKILL)  # the Ceph client of node A: its lock stays behind
+        code, message, _ = code_of(lambda: env.publish(volume, "node-b"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "node-a" in message, message
+
+        started = time.monotonic()
+        env.unpublish(volume, "node-a")  # Kubernetes: force-detach of the lost node
+        context = env.publish(volume, "node-b").publish_context
+        controller_seconds = time.monotonic() - started
+        still_locked = json.loads(env.cluster.rbd("lock", "ls", f"{pool}/{image}", "--format", "json"))
+        assert [o["address"] for o in still_locked] == [owner["address"]]  # A's lock was there
+        started = time.monotonic()
+        target = env.stage(volume, name, plugin=nodes["node-b"], publish_context=context)
+        stage_seconds = time.monotonic() - started
+        print(f"\nunpublish from lost node A + publish to B {controller_seconds:.3f}s; "
+              f"stage on B (fencing A) {stage_seconds:.1f}s")
+        assert controller_seconds < 2, controller_seconds
+        assert Path(target, "marker").read_text() == "written on node A"
+        Path(target, "marker").write_text("written on node B")
+        os.sync()
+        assert owner["address"] in env.cluster.ceph("osd", "blocklist", "ls")
+        assert env.published_nodes(volume) == (["node-b"], ["node-b"])
+
+        nodes["node-a"].start()  # A comes back: kubelet unstages what it had there
+        started = time.monotonic()
+        nodes["node-a"].unpublish_and_unstage(volume.volume_id, name)
+        print(f"unstage of the fenced attachment on node A {time.monotonic() - started:.1f}s")
+        assert _helper_pids(workdir / "node-a", "nbdfuse") == []
+        assert mounts_under(workdir / "node-a") == [] and loops_under(workdir / "node-a") == []
+        assert Path(target, "marker").read_text() == "written on node B"  # B is unaffected
+    finally:
+        for node, plugin in nodes.items():
+            if plugin.process is None:
+                plugin.start()  # A comes back: kubelet unstages what it had
+            with contextlib.suppress(grpc.RpcError):
+                plugin.unpublish_and_unstage(volume.volume_id, name)
+            plugin.stop()
+        env.unpublish(volume, "")
+        env.delete(volume.volume_id)
+    assert _helper_pids(workdir, "qemu-storage-daemon") == []
+    assert _helper_pids(workdir, "nbdfuse") == []
+    assert mounts_under(workdir) == [] and loops_under(workdir) == []
 
 
 def test_nothing_is_left_in_the_pools(env):

@@ -137,6 +137,23 @@ def test_node_calls_twice_change_nothing(plugin, block):
     assert_no_trace(plugin)
 
 
+def test_unpublish_takes_off_a_stack_of_mounts(plugin):
+    """Mounts stacked on a target (a retried publish elsewhere, an admin's bind) all come off
+    with one NodeUnpublishVolume, which reads the mount table once and unmounts that often."""
+    volume = plugin.create("stacked", size=64 * MiB)
+    target = plugin.stage_and_publish(volume, "stacked")
+    staging = plugin.path("stacked", "staging")
+    for _ in range(2):
+        subprocess.run(["mount", "--bind", staging, target], check=True)
+    assert mounts_under(plugin.workdir).count(target) == 3
+    plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=volume.volume_id, target_path=target), timeout=60)
+    assert target not in mounts_under(plugin.workdir) and not os.path.exists(target)
+    plugin.unpublish_and_unstage(volume.volume_id, "stacked")
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=60)
+    assert_no_trace(plugin)
+
+
 # --- 7. concurrency ---
 
 def race(*calls):
@@ -712,3 +729,30 @@ def _can_grow_mounted_ext4(plugin) -> bool:
     status = Path(f"/proc/{plugin.process.pid}/status").read_text()
     effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
     return bool(int(effective.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE
+
+
+def test_rpc_lines_split_command_kernel_and_own_time(plugin):
+    """The accounting the lifecycle benchmark relies on: every RPC line carries command_ms
+    and kernel_ms; the in-process loop attach and the data file's creation and removal are
+    kernel time, logged at debug one line each like a command; ms covers both."""
+    volume = plugin.create("accounted", size=64 * MiB)
+    plugin.stage_and_publish(volume, "accounted")
+    plugin.unpublish_and_unstage(volume.volume_id, "accounted")
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=60)
+    lines = plugin.log_lines()
+    rpcs = {e["method"]: e for e in lines if e.get("event") == "rpc"
+            and e["volume"] in ("accounted", volume.volume_id)}
+    for entry in rpcs.values():
+        assert entry["code"] == "OK"
+        assert entry["command_ms"] >= 0 and entry["kernel_ms"] >= 0
+        assert entry["ms"] + 0.1 >= entry["command_ms"] + entry["kernel_ms"], entry
+        assert entry["cpu_ms"] >= 0 and entry["runq_ms"] >= 0  # the plugin logs at debug
+    assert rpcs["NodeStageVolume"]["kernel_ms"] > 0 and rpcs["NodeStageVolume"]["command_ms"] > 0
+    assert rpcs["NodeUnstageVolume"]["command_ms"] > 0  # umount, losetup --detach
+    assert rpcs["DeleteVolume"]["kernel_ms"] > 0 and rpcs["DeleteVolume"]["command_ms"] == 0
+    calls = [e["call"] for e in lines if e.get("event") == "kernel"]
+    for call in ("create data file", "LOOP_CONFIGURE", "unlink data file"):
+        assert calls.count(call) == 1, (call, calls)
+    configured = next(e for e in lines if e.get("event") == "kernel" and e["call"] == "LOOP_CONFIGURE")
+    assert configured["device"].startswith("/dev/loop") and configured["attempts"] >= 1
+    assert_no_trace(plugin)

@@ -17,6 +17,16 @@ Offline and fast (a few seconds):
   (parsed by driver.cli.build_parser()), the storage-server name rule, Secrets, image tags,
   and every StorageClass's parameters as the driver's backends check them (a class the driver
   would reject fails here; a class whose type no backend serves yet is a strict xfail).
+- Attaching: a CSIDriver has attachRequired: true exactly when its plugins' backends publish
+  (ControllerPublish, `Backend.publishes`) and its controller, built from the manifest's
+  arguments, advertises PUBLISH_UNPUBLISH_VOLUME; such a driver, and only such, has a
+  csi-attacher, whose ServiceAccount can do what the external-attacher needs (RBAC read from
+  the install's own bindings), as can the controller plugin's CSINode check (--nodes=kubernetes).
+- Metrics and ports: every polyvol container (plugins, storage servers) serves
+  --metrics-address on its pod IP (as driver.metrics binds it, IPv4 and IPv6) on a named
+  containerPort that a metrics Service carries, as does every sidecar's --http-endpoint; every
+  listening port is declared, none twice in a pod, and hostNetwork pods that can share a node
+  take disjoint ports.
 - The Dockerfile: hadolint, and every program the driver runs is installed in the image.
 
 kustomize and helm come from scripts/setup.sh (.work/bin); without them (outside CI) the
@@ -67,6 +77,10 @@ _COMMON_FLAGS = {"version", "kubeconfig", "csi-address", "leader-election", "lea
                  "leader-election-retry-period", "leader-election-labels", "kube-api-qps",
                  "kube-api-burst", "http-endpoint", "metrics-address", "metrics-path"}
 SIDECARS = {
+    # external-attacher v4.12.0, cmd/csi-attacher/main.go (csi-lib-utils v0.24.0).
+    "csi-attacher": ("v4.12.0", _LOG_FLAGS | _COMMON_FLAGS | {
+        "default-fstype", "feature-gates", "max-entries", "max-grpc-log-length", "reconcile-sync",
+        "resync", "retry-interval-max", "retry-interval-start", "timeout", "worker-threads"}),
     "csi-provisioner": ("v6.3.0", _LOG_FLAGS | _COMMON_FLAGS | {
         "capacity-for-immediate-binding", "capacity-ownerref-level", "capacity-poll-interval",
         "capacity-threads", "cloning-protection-threads", "controller-publish-readonly",
@@ -106,6 +120,11 @@ EXTRA_CREATE_METADATA = {"csi.storage.k8s.io/pvc/name": "data-app-0",
 SNAPSHOTTER_RESERVED = {f"csi.storage.k8s.io/snapshotter-{kind}secret-{part}"
                         for kind in ("", "list-") for part in ("name", "namespace")}
 CEPH_TYPES = {"replicated", "erasure-coded"}
+# The CSI calls of a Ceph volume that need the cephx user (the backend reads it from the
+# request's secrets only), by the StorageClass key stage that names the Secret for each, and
+# the sidecar that reads that Secret (None: kubelet does).
+CEPH_SECRET_READERS = {"provisioner": "csi-provisioner", "controller-publish": "csi-attacher",
+                       "controller-expand": "csi-resizer", "node-stage": None}
 
 # external-snapshotter v8.6.0 client/config/crd/snapshot.storage.k8s.io_volumesnapshotclasses.yaml
 # (v1), made strict like the built-in schemas.
@@ -388,7 +407,7 @@ def plugin_args(spec: dict) -> list[str] | None:
 
 
 def parse_plugin(args: list[str]):
-    env = {"NODE_NAME": "node-a", "POD_NAMESPACE": NAMESPACE, "NAMESPACE": NAMESPACE}
+    env = {"NODE_NAME": "node-a", "POD_NAMESPACE": NAMESPACE, "NAMESPACE": NAMESPACE, "POD_IP": "10.0.0.7"}
     return build_parser().parse_args([expand(a, env) for a in args])
 
 
@@ -602,8 +621,11 @@ def test_driver_name_everywhere(all_objects):
         where = f"{source}: {kind} {obj['metadata']['name']}"
         if kind == "CSIDriver":
             spec = obj["spec"]
-            assert spec["attachRequired"] is False and spec["storageCapacity"] is True, where
+            assert spec["storageCapacity"] is True, where
             assert spec["fsGroupPolicy"] == "File", where
+            # Network volumes are published to one node (VolumeAttachment, ControllerPublish);
+            # local volumes live on their node (test_attach_required_follows_the_backends).
+            assert spec["attachRequired"] is (obj["metadata"]["name"] == DRIVER), where
             if obj["metadata"]["name"] == DRIVER:
                 assert spec["volumeLifecycleModes"] == ["Persistent"], where
                 assert spec["podInfoOnMount"] is False, where
@@ -641,11 +663,367 @@ def test_every_csidriver_has_its_plugins_and_only_those(all_objects):
 
 
 def test_csidriver_matches_the_plugin_capabilities():
-    """attachRequired: false because the controller has no PUBLISH_UNPUBLISH_VOLUME."""
-    from driver.controller import CAPABILITIES, Cap
+    """storageCapacity: true needs GET_CAPACITY; attachRequired: true needs PUBLISH_UNPUBLISH_VOLUME,
+    which a controller advertises only when one of its backends publishes (the local driver's
+    per-node controllers do not), and the external-attacher reconciles VolumeAttachments with
+    ListVolumes only when LIST_VOLUMES_PUBLISHED_NODES comes with it."""
+    from driver.controller import CAPABILITIES, PUBLISH_CAPABILITIES, Cap
 
+    assert Cap.GET_CAPACITY in CAPABILITIES
     assert Cap.PUBLISH_UNPUBLISH_VOLUME not in CAPABILITIES
-    assert Cap.GET_CAPACITY in CAPABILITIES  # storageCapacity: true
+    assert {Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES_PUBLISHED_NODES} <= set(PUBLISH_CAPABILITIES)
+    assert Cap.LIST_VOLUMES in CAPABILITIES
+
+
+# --- attaching: CSIDriver attachRequired, csi-attacher, ControllerPublish -----------------------
+def publishing_types() -> set[str]:
+    """The StorageClass types whose backend publishes volumes to one node (Backend.publishes)."""
+    return {t for t in CLASS_DRIVER if getattr(backend_class_for(t), "publishes", False)}
+
+
+def attach_required(objects) -> dict[str, bool]:
+    return {o["metadata"]["name"]: o["spec"]["attachRequired"] for o in of_kind(objects, "CSIDriver")}
+
+
+def seconds(duration: str) -> float:
+    """A Go duration as the sidecars' flags take it (only the forms used here)."""
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, f"duration {duration!r}"
+    return int(match.group(1)) * {"s": 1, "m": 60}[match.group(2)]
+
+
+def workloads(objects):
+    """(workload, pod spec, parsed plugin arguments or None) of every Deployment and DaemonSet."""
+    for obj in objects:
+        if obj.get("kind") in ("Deployment", "DaemonSet"):
+            spec = obj["spec"]["template"]["spec"]
+            args = plugin_args(spec)
+            yield obj, spec, parse_plugin(args) if args is not None else None
+
+
+def test_network_drivers_require_attach_and_local_ones_do_not(all_objects):
+    """Manifests alone: a CSIDriver whose plugins serve a network class says attachRequired:
+    true (one node per volume: VolumeAttachments); one that serves only local-ephemeral says
+    false (a local volume is on its node already, and nothing would publish it)."""
+    checked = 0
+    for source, objects in installs(all_objects).items():
+        required = attach_required(objects)
+        for _, _, parsed in plugin_containers(objects):
+            network = bool(served_types(parsed) & set(NETWORK_TYPES))
+            assert required[parsed.driver_name] is network, f"{source}: {parsed.driver_name}"
+            checked += 1
+    assert checked
+
+
+def test_attach_required_follows_the_backends(all_objects):
+    """The code decides: every network backend publishes and the local one does not; each
+    CSIDriver's attachRequired is whether its plugins' types publish; and every controller
+    built from a manifest's own arguments advertises PUBLISH_UNPUBLISH_VOLUME exactly then."""
+    from driver.proto import csi_pb2
+
+    Cap = csi_pb2.ControllerServiceCapability.RPC.Type
+    assert publishing_types() == set(NETWORK_TYPES)
+    capabilities = {}  # plugin arguments -> what that controller advertises
+    for source, objects in installs(all_objects).items():
+        required = attach_required(objects)
+        for _, spec, parsed in plugin_containers(objects):
+            where = f"{source}: {parsed.driver_name} ({parsed.role})"
+            assert required[parsed.driver_name] is bool(served_types(parsed) & publishing_types()), where
+            if parsed.role not in ("controller", "all"):
+                continue
+            key = tuple(plugin_args(spec))
+            if key not in capabilities:
+                capabilities[key] = controller_capabilities(spec)
+            assert (Cap.PUBLISH_UNPUBLISH_VOLUME in capabilities[key]) is required[parsed.driver_name], where
+    assert len(capabilities) >= 2, "the network controller and the local plugins"
+
+
+def test_attacher_runs_exactly_for_drivers_that_require_attach(all_objects):
+    """A csi-attacher next to the controller of every driver with attachRequired: true (else
+    its VolumeAttachments never turn attached and no pod starts), central and leader-elected;
+    none for a driver with attachRequired: false."""
+    checked = 0
+    for source, objects in installs(all_objects).items():
+        required = attach_required(objects)
+        attached = set()
+        for obj, spec, parsed in workloads(objects):
+            c = container(spec, "csi-attacher")
+            if c is None:
+                continue
+            where = f"{source} {obj['metadata']['name']}"
+            assert sidecar_name(c["image"]) == "csi-attacher", where
+            assert obj["kind"] == "Deployment" and parsed is not None and parsed.role == "controller", where
+            f = flags(c["args"])
+            assert "leader-election" in f and f.get("leader-election-namespace") == "$(NAMESPACE)", where
+            assert env_field(c, "NAMESPACE") == "metadata.namespace", where
+            assert seconds(f["timeout"]) >= 30, f"{where}: ListVolumes of every storage needs time"
+            attached.add(parsed.driver_name)
+            checked += 1
+        assert attached == {d for d, r in required.items() if r}, f"{source}: attachers for {attached}, {required}"
+    assert checked
+
+
+def service_accounts_running(objects, container_name: str, driver_name: str | None = None) -> set[str]:
+    """The ServiceAccounts of the pods that run this container (next to a plugin of that driver)."""
+    return {spec.get("serviceAccountName", "default") for _, spec, parsed in workloads(objects)
+            if container(spec, container_name) is not None
+            and (driver_name is None or (parsed is not None and parsed.driver_name == driver_name))}
+
+
+def grants(objects, service_account: str) -> set[tuple]:
+    """What a ServiceAccount of the polyvol namespace may do in one install, from its
+    (Cluster)RoleBindings: (namespace or "" for cluster-wide, apiGroup, resource, verb, names)."""
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in objects if o["kind"] in ("Role", "ClusterRole")}
+    found = set()
+    for binding in objects:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        namespace = binding["metadata"].get("namespace", NAMESPACE) if binding["kind"] == "RoleBinding" else ""
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == service_account
+                   and s.get("namespace", namespace) == NAMESPACE for s in binding["subjects"]):
+            continue
+        role = roles.get((binding["roleRef"]["kind"], binding["roleRef"]["name"]))
+        assert role is not None, f"{binding['metadata']['name']} binds a missing {binding['roleRef']}"
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        found.add((namespace, group, resource, verb, tuple(rule.get("resourceNames", ()))))
+    return found
+
+
+def may(granted: set[tuple], group: str, resource: str, verb: str, namespace: str = "", name: str = "") -> bool:
+    """Whether the grants allow the verb: cluster-wide, or in `namespace`; on any name, or `name`."""
+    return any(g == group and r == resource and v == verb and scope in ("", namespace)
+               and (not names or name in names)
+               for scope, g, r, v, names in granted)
+
+
+# external-attacher v4.12.0 deploy/kubernetes/rbac.yaml (with leader election).
+ATTACHER_NEEDS = [("", "persistentvolumes", ("get", "list", "watch", "patch")),
+                  ("storage.k8s.io", "csinodes", ("get", "list", "watch")),
+                  ("storage.k8s.io", "volumeattachments", ("get", "list", "watch", "patch")),
+                  ("storage.k8s.io", "volumeattachments/status", ("patch",))]
+LEADER_ELECTION_NEEDS = ("coordination.k8s.io", "leases", ("get", "watch", "list", "delete", "update", "create"))
+
+
+def test_attacher_and_controller_plugin_rbac(all_objects):
+    """The attacher's ServiceAccount may do what external-attacher needs (cluster-wide, leases
+    in the namespace); the controller plugin's may read CSINode objects when it checks node ids
+    against them (--nodes=kubernetes); VolumeAttachments are for nobody else, and nobody may
+    create, update or delete them (the attach/detach controller does)."""
+    checked = 0
+    for source, objects in installs(all_objects).items():
+        attachers = service_accounts_running(objects, "csi-attacher")
+        for account in attachers:
+            granted = grants(objects, account)
+            for group, resource, verbs in ATTACHER_NEEDS:
+                for verb in verbs:
+                    assert may(granted, group, resource, verb), f"{source}: {account} cannot {verb} {resource}"
+            group, resource, verbs = LEADER_ELECTION_NEEDS
+            for verb in verbs:
+                assert may(granted, group, resource, verb, NAMESPACE), f"{source}: {account} cannot {verb} leases"
+            checked += 1
+        for obj, spec, parsed in workloads(objects):
+            if parsed is None or parsed.role == "node":
+                continue
+            if parsed.role == "controller":
+                assert parsed.nodes == "kubernetes", f"{source}: the controller must check node ids against CSINode"
+            if parsed.nodes == "kubernetes":
+                account = spec.get("serviceAccountName", "default")
+                assert spec.get("automountServiceAccountToken", True), source
+                assert may(grants(objects, account), "storage.k8s.io", "csinodes", "get"), \
+                    f"{source}: {account} ({obj['metadata']['name']}) cannot get csinodes"
+        everyone = {o["metadata"]["name"] for o in of_kind(objects, "ServiceAccount")}
+        for account in everyone - attachers:
+            assert not any(r.startswith("volumeattachments") for _, _, r, _, _ in grants(objects, account)), \
+                f"{source}: {account} runs no attacher but may touch VolumeAttachments"
+        for role in of_kind(objects, "ClusterRole") + of_kind(objects, "Role"):
+            for rule in role["rules"]:
+                if any(r.startswith("volumeattachments") for r in rule["resources"]):
+                    assert set(rule["verbs"]) <= {"get", "list", "watch", "patch"}, f"{source}: {role['metadata']['name']}"
+    assert checked
+
+
+def test_metrics_services_expose_every_sidecar_endpoint(all_objects):
+    """Where a metrics Service selects a pod, it carries every sidecar's --http-endpoint port
+    (the registrar's serves only /healthz)."""
+    checked = 0
+    for source, objects in installs(all_objects).items():
+        services = of_kind(objects, "Service")
+        for obj, spec, _ in workloads(objects):
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            selecting = [s for s in services if s["spec"].get("selector") and s["spec"]["selector"].items() <= labels.items()]
+            if not selecting:
+                continue
+            targets = {p["targetPort"] for s in selecting for p in s["spec"]["ports"]}
+            for c in spec["containers"]:
+                sidecar = sidecar_name(c.get("image", ""))
+                if sidecar in (None, "csi-node-driver-registrar"):
+                    continue
+                port = int(flags(c["args"])["http-endpoint"].rsplit(":", 1)[1])
+                named = [p["name"] for p in c.get("ports", []) if p["containerPort"] == port]
+                if sidecar == "livenessprobe":  # served on the plugin container's healthz port
+                    named = [p["name"] for p in container(spec, "polyvol")["ports"] if p["containerPort"] == port]
+                assert named and named[0] in targets, f"{source} {obj['metadata']['name']}: {c['name']} :{port}"
+                checked += 1
+    assert checked
+
+
+# --- metrics and ports -------------------------------------------------------------------------
+# Ports other software commonly holds on a node's host network, which hostNetwork pods must
+# leave alone: kubelet (10248 healthz, 10250 API), kube-proxy (10249 metrics, 10256 healthz),
+# node-exporter (9100), and 9808, the livenessprobe's default that other CSI drivers' node
+# plugins use.
+HOST_PORTS_TAKEN = {9100, 9808, 10248, 10249, 10250, 10256}
+_FIELDS = {"spec.nodeName": "node-a", "metadata.namespace": NAMESPACE, "metadata.name": "pod-0"}
+
+
+def container_env(c: dict, pod_ip: str) -> dict[str, str]:
+    """A container's environment as kubelet gives it (fieldRefs resolved for one pod)."""
+    env = {}
+    for entry in c.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = expand(entry["value"], env)
+            continue
+        path = entry["valueFrom"]["fieldRef"]["fieldPath"]
+        env[entry["name"]] = pod_ip if path == "status.podIP" else _FIELDS[path]
+    return env
+
+
+def polyvol_argv(spec: dict, c: dict, pod_ip: str) -> list[str]:
+    """The argv a polyvol container's `polyvol` process gets: the plugin's args after kubelet's
+    $(VAR) expansion (every variable defined in the container's env: kubelet leaves unknown
+    ones as they are), or what the storage server's shell script execs."""
+    if c.get("args", [None])[0] == "plugin":
+        env = container_env(c, pod_ip)
+        undefined = set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", " ".join(c["args"]))) - set(env)
+        assert not undefined, f"{c['name']}: $({', '.join(sorted(undefined))}) not in the container's env"
+        return [expand(a, env) for a in c["args"]]
+    assert c["name"] == "storage-server", f"a polyvol container this test does not know: {c['name']}"
+    return run_storage_server_script(spec, "node-a", pod_ip)
+
+
+def polyvol_processes(objects, pod_ip: str = "10.0.0.7"):
+    """(workload, pod spec, container, parsed arguments) of every container running polyvol's
+    image, its arguments parsed by driver.cli.build_parser() as the process would."""
+    for obj in objects:
+        if obj.get("kind") not in ("Deployment", "DaemonSet"):
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            if c["image"].split(":")[0].endswith("polyvol"):
+                yield obj, spec, c, build_parser().parse_args(polyvol_argv(spec, c, pod_ip))
+
+
+def metrics_binding(address: str) -> tuple[str, int]:
+    """(address, port) that driver.metrics.serve binds for a --metrics-address (its own parsing)."""
+    from driver import metrics
+
+    bound = []
+    original = metrics.start_http_server, metrics._driver
+    metrics.start_http_server = lambda port, addr, registry: bound.append((addr, port))
+    try:
+        metrics.serve(address, "test")
+    finally:
+        metrics.start_http_server, metrics._driver = original
+    assert len(bound) == 1, f"--metrics-address {address!r} serves nothing"
+    return bound[0]
+
+
+def listening_ports(spec: dict, pod_ip: str = "10.0.0.7") -> list[tuple[str, int]]:
+    """(container, port) for every TCP port a pod's processes listen on: the sidecars'
+    --http-endpoint, polyvol's --metrics-address and the storage server's --listen and --nbd-listen."""
+    found = []
+    for c in spec["containers"]:
+        if sidecar_name(c.get("image", "")):
+            endpoint = flags(c["args"]).get("http-endpoint")
+            if endpoint:
+                found.append((c["name"], int(endpoint.rsplit(":", 1)[1])))
+        elif c["image"].split(":")[0].endswith("polyvol"):
+            parsed = build_parser().parse_args(polyvol_argv(spec, c, pod_ip))
+            addresses = [parsed.metrics_address]
+            if parsed.command == "storage-server":
+                addresses += [parsed.listen, parsed.nbd_listen]
+            found += [(c["name"], int(a.rsplit(":", 1)[1])) for a in addresses if a]
+    return found
+
+
+def may_share_a_node(a: dict, b: dict) -> bool:
+    """Whether pods of two specs can land on one node (no nodeSelector key with two values:
+    e.g. the storage-server groups of different zones cannot)."""
+    one, other = a.get("nodeSelector") or {}, b.get("nodeSelector") or {}
+    return all(other.get(key, value) == value for key, value in one.items())
+
+
+@pytest.mark.parametrize("pod_ip", ["10.0.0.7", "fd00::7"])
+def test_every_polyvol_process_serves_metrics_on_a_named_port(all_objects, pod_ip):
+    """Every polyvol container (plugins, storage servers) runs with --metrics-address, which
+    driver.metrics.serve accepts and binds to the pod IP in either IP family (the address the
+    Services' endpoints name; for hostNetwork pods the node's address, not every interface),
+    on a named TCP containerPort of that container; where an install has metrics Services, one
+    that selects the pod carries that port by name."""
+    checked = targeted = 0
+    for source, objects in installs(all_objects).items():
+        services = of_kind(objects, "Service")
+        for obj, spec, c, parsed in polyvol_processes(objects, pod_ip):
+            where = f"{source} {obj['metadata']['name']} {c['name']}"
+            assert parsed.metrics_address, f"{where}: no --metrics-address"
+            address, port = metrics_binding(parsed.metrics_address)
+            assert address == pod_ip, f"{where}: binds {address}, not the pod IP"
+            declared = [p for p in c.get("ports", []) if p["containerPort"] == port]
+            assert len(declared) == 1 and declared[0].get("name") and declared[0].get("protocol", "TCP") == "TCP", \
+                f"{where}: port {port} is not one named TCP containerPort of the container"
+            name = declared[0]["name"]
+            checked += 1
+            if not services:
+                continue  # metrics.enabled=false: no Services, the endpoints are still served
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            carried = [p for s in services if s["spec"].get("selector")
+                       and s["spec"]["selector"].items() <= labels.items()
+                       for p in s["spec"]["ports"] if p["targetPort"] in (name, port)]
+            assert carried, f"{where}: no metrics Service targets port {name} ({port})"
+            assert all(p["port"] == port for p in carried), f"{where}: {carried}"
+            targeted += 1
+    assert checked and targeted
+
+
+def test_ports_are_declared_and_never_collide(all_objects):
+    """In every pod, each port a process listens on is a declared containerPort and no two
+    processes take one port; hostNetwork pods that can share a node (every DaemonSet here,
+    except storage-server groups with conflicting nodeSelectors) take disjoint ports, none
+    of them a port the node's own services commonly hold."""
+    host_network = 0
+    for source, objects in installs(all_objects).items():
+        on_host = []
+        for obj, spec, _ in workloads(objects):
+            where = f"{source} {obj['metadata']['name']}"
+            listening = listening_ports(spec)
+            ports = [port for _, port in listening]
+            assert len(ports) == len(set(ports)), f"{where}: one port taken twice: {listening}"
+            declared = [p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])]
+            assert len(declared) == len(set(declared)), f"{where}: containerPort declared twice: {declared}"
+            # The livenessprobe's port is declared on the polyvol container (its liveness probe).
+            assert set(declared) == set(ports), f"{where}: declared {sorted(declared)}, listening {sorted(ports)}"
+            names = [p["name"] for c in spec["containers"] for p in c.get("ports", [])]
+            assert len(names) == len(set(names)), f"{where}: port names {names}"
+            if spec.get("hostNetwork"):
+                assert not set(ports) & HOST_PORTS_TAKEN, f"{where}: {sorted(set(ports) & HOST_PORTS_TAKEN)}"
+                on_host.append((obj["metadata"]["name"], spec, set(ports)))
+        for i, (a, spec_a, ports_a) in enumerate(on_host):
+            for b, spec_b, ports_b in on_host[i + 1:]:
+                if may_share_a_node(spec_a, spec_b):
+                    assert not ports_a & ports_b, f"{source}: {a} and {b} both take {sorted(ports_a & ports_b)}"
+        host_network += len(on_host)
+    assert host_network
+    # The check sees a collision, and tells groups apart:
+    node = next(s for o, s, _ in workloads(kustomize_build("base")) if o["metadata"]["name"] == "polyvol-node")
+    clash = copy.deepcopy(node)
+    container(clash, "polyvol")["args"] = [a if not a.startswith("--metrics-address=") else "--metrics-address=$(POD_IP):9748"
+                                           for a in container(clash, "polyvol")["args"]]
+    assert [port for _, port in listening_ports(clash)].count(9748) == 2
+    assert not may_share_a_node({"nodeSelector": {"zone": "a"}}, {"nodeSelector": {"zone": "b"}})
+    assert may_share_a_node({"nodeSelector": {"zone": "a"}}, {})
 
 
 def test_sockets_and_registration_paths(all_objects):
@@ -850,23 +1228,59 @@ def host_path_of(spec: dict, c: dict, path: str) -> str:
     return volume["hostPath"]["path"] + path[len(best[0]):]
 
 
-def build_node_plugin(spec: dict, root: Path):
-    """Build (not serve) the plugin of a manifest's pod exactly as `polyvol plugin` would with
-    the container's arguments (driver.cli's own mapping), with every host path it uses moved
-    under `root`. Returns (grpc server, parsed args, host state dir, endpoint under root)."""
+def plugin_options(spec: dict) -> tuple[dict, object]:
+    """The keyword arguments `polyvol plugin` gives build_server for the container's arguments
+    (driver.cli's own mapping; plugin.serve takes --metrics-address itself, the rest goes to
+    build_server), and the parsed arguments."""
     from driver import cli
     from driver import plugin as plugin_module
 
     parsed = parse_plugin(plugin_args(spec))
-    c = container(spec, "polyvol")
     captured = {}
     original = plugin_module.serve, cli.log.setup
-    plugin_module.serve = lambda **options: captured.update(options)
+    plugin_module.serve = lambda *, metrics_address="", **options: captured.update(options)
     cli.log.setup = lambda *args, **kwargs: None  # leave the test session's logging alone
     try:
         parsed.run(parsed)
     finally:
         plugin_module.serve, cli.log.setup = original
+    return captured, parsed
+
+
+def controller_capabilities(spec: dict) -> set[int]:
+    """ControllerGetCapabilities of the plugin of a manifest's pod, built from its own
+    arguments (its state and socket moved to a temporary directory; nothing is contacted)."""
+    import grpc
+
+    from driver import plugin as plugin_module
+    from driver.proto import csi_pb2, csi_pb2_grpc
+
+    options, _ = plugin_options(spec)
+    root = Path(tempfile.mkdtemp(prefix="pv"))  # short: unix socket paths are limited
+    try:
+        options.update(state_dir=f"{root}/state", publish_roots=[f"{root}/kubelet"],
+                       endpoint=f"unix://{root}/csi.sock")
+        server = plugin_module.build_server(**options)
+        server.start()
+        try:
+            with grpc.insecure_channel(options["endpoint"]) as channel:
+                response = csi_pb2_grpc.ControllerStub(channel).ControllerGetCapabilities(
+                    csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10)
+        finally:
+            server.stop(None)
+        return {c.rpc.type for c in response.capabilities}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def build_node_plugin(spec: dict, root: Path):
+    """Build (not serve) the plugin of a manifest's pod exactly as `polyvol plugin` would with
+    the container's arguments (driver.cli's own mapping), with every host path it uses moved
+    under `root`. Returns (grpc server, parsed args, host state dir, endpoint under root)."""
+    from driver import plugin as plugin_module
+
+    captured, parsed = plugin_options(spec)
+    c = container(spec, "polyvol")
     state = host_path_of(spec, c, parsed.state_dir)
     captured["state_dir"] = f"{root}{state}"
     captured["publish_roots"] = [f"{root}{host_path_of(spec, c, p)}" for p in parsed.publish_roots]
@@ -986,8 +1400,9 @@ def test_storage_server_selector_port_and_secrets(all_objects):
                                           os.path.dirname(node_psk))
             assert psk["secret"]["secretName"] == node_psk_volume["secret"]["secretName"], source
             assert os.path.basename(server_args.nbd_psk_file) == os.path.basename(node_psk) == "keys.psk"
-            assert {p["containerPort"] for p in c["ports"]} == {parsed.storage_server_port,
-                                                                int(server_args.nbd_listen.rsplit(":", 1)[1])}
+            assert {p["containerPort"] for p in c["ports"]} == {
+                parsed.storage_server_port, int(server_args.nbd_listen.rsplit(":", 1)[1]),
+                int(server_args.metrics_address.rsplit(":", 1)[1])}, source
             assert spec["nodeSelector"]["polyvol.csi.io/storage-server"] == "true", source
     assert checked
 
@@ -1080,21 +1495,54 @@ def test_volume_snapshot_classes_carry_no_parameters_the_driver_refuses(all_obje
         LocalBackend.__new__(LocalBackend).create_snapshot("lcl-" + "0" * 32, "s", {"x": "y"})
 
 
+def secret_stages(storage_class: dict) -> dict[str, tuple[str, str]]:
+    """stage (provisioner, controller-publish, ...) -> (Secret name, namespace) of a class."""
+    parameters = storage_class.get("parameters") or {}
+    return {k.removeprefix("csi.storage.k8s.io/").removesuffix("-secret-name"):
+            (parameters[k], parameters.get(k.replace("-name", "-namespace"), ""))
+            for k in parameters if k.startswith("csi.storage.k8s.io/") and k.endswith("-secret-name")}
+
+
+def test_ceph_classes_give_credentials_to_every_call_that_needs_them(all_objects):
+    """The Ceph backend takes the cephx user only from each request's secrets: CreateVolume /
+    DeleteVolume (provisioner), ControllerPublish / Unpublish (attacher: attachRequired is true
+    for polyvol.csi.io), ControllerExpandVolume (resizer), NodeStageVolume (kubelet). One
+    Secret for all; the other classes take none."""
+    checked = 0
+    for source, storage_class in storage_classes(all_objects):
+        stages = secret_stages(storage_class)
+        if storage_class["parameters"]["type"] in CEPH_TYPES:
+            assert set(stages) == set(CEPH_SECRET_READERS), f"{source}: {sorted(stages)}"
+            assert len(set(stages.values())) == 1, f"{source}: {stages}"
+            checked += 1
+        else:
+            assert not stages, f"{source}: {storage_class['metadata']['name']} takes no credentials"
+    assert checked
+
+
 def test_ceph_secrets_named_by_classes_are_readable(all_objects):
-    for source, objects in all_objects.items():
-        names = {(o["parameters"][k], o["parameters"][k.replace("-name", "-namespace")])
-                 for o in of_kind(objects, "StorageClass") for k in o["parameters"]
-                 if k.startswith("csi.storage.k8s.io/") and k.endswith("-secret-name")}
-        if not names or not source.startswith(("helm", "kustomize")):
-            continue
-        roles = [r for r in of_kind(objects, "Role") if any("secrets" in rule["resources"] for rule in r["rules"])]
-        for name, namespace in names:
-            assert namespace == NAMESPACE
-            assert any(name in rule.get("resourceNames", []) for r in roles for rule in r["rules"]), f"{source}: {name}"
+    """Each sidecar that reads a class's Secret runs under a ServiceAccount that may get it."""
+    checked = 0
+    for source, objects in installs(all_objects).items():
+        for storage_class in of_kind(objects, "StorageClass"):
+            for stage, (name, namespace) in secret_stages(storage_class).items():
+                assert namespace == NAMESPACE, source
+                reader = CEPH_SECRET_READERS[stage]
+                if reader is None:
+                    continue  # kubelet reads it with its own credentials
+                accounts = service_accounts_running(objects, reader, storage_class["provisioner"])
+                assert accounts, f"{source}: no {reader} reads the {stage} secret"
+                for account in accounts:
+                    assert may(grants(objects, account), "", "secrets", "get", namespace, name), \
+                        f"{source}: {account} ({reader}) cannot read Secret {name}"
+                    checked += 1
+    assert checked
     with_ceph = kustomize_build("overlays/with-ceph")
-    role = next(o for o in with_ceph if o["kind"] == "Role" and o["metadata"]["name"] == "polyvol-ceph-secret")
-    plain = [o for o in load_documents((REPO / "storageclasses/replicated.yaml").read_text())]
-    assert plain[0]["parameters"]["csi.storage.k8s.io/provisioner-secret-name"] in role["rules"][0]["resourceNames"]
+    plain = load_documents((REPO / "storageclasses/replicated.yaml").read_text())[0]
+    for stage, (name, namespace) in secret_stages(plain).items():
+        if CEPH_SECRET_READERS[stage]:
+            for account in service_accounts_running(with_ceph, CEPH_SECRET_READERS[stage], DRIVER):
+                assert may(grants(with_ceph, account), "", "secrets", "get", namespace, name), stage
 
 
 def test_no_secrets_are_readable_beyond_the_ceph_one(all_objects):

@@ -3,8 +3,9 @@ namespaces, the real plugin in the node namespace, real nbdkit/TLS-PSK/qemu-stor
 nbdfuse/loop on the data path.
 
 Spread groups, a server outage seen as VOLUME_CONDITION, data integrity under parallel writes,
-a storage-server crash and restart under fsync'd writes, and ids crafted to reach another
-server.
+a storage-server crash and restart under fsync'd writes, ids crafted to reach another
+server, and ControllerPublish: one node per volume, kept on the storage server, and a
+publish_context that follows a server whose NBD address changed.
 """
 
 import os
@@ -19,16 +20,23 @@ import pytest
 
 from conftest import MiB, Plugin, capability
 from driver.proto import csi_pb2
-from remote_lab import RemoteCluster
+from remote_lab import NBD_PORT, RemoteCluster
 
 pytestmark = pytest.mark.root
+# ControllerPublish accepts only node ids the controller knows: besides its own (the plugin
+# runs with --role all as "node-test"), two nodes that exist only as names.
+NODE_A, NODE_B = "node-a", "node-b"
+CTX_NBD_ADDRESS = "polyvol.csi.io/nbd-address"
+CTX_NBD_TLS = "polyvol.csi.io/nbd-tls"
+CTX_READONLY = "polyvol.csi.io/readonly"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("remote")
     with RemoteCluster(workdir, servers=3) as running:
-        plugin = Plugin(workdir, extra_args=running.plugin_args, argv_prefix=running.node_prefix)
+        plugin = Plugin(workdir, extra_args=[*running.plugin_args, "--nodes", f"{NODE_A},{NODE_B}"],
+                        argv_prefix=running.node_prefix)
         plugin.start()
         running.plugin = plugin
         try:
@@ -254,4 +262,157 @@ def test_a_plugin_restart_keeps_attached_volumes_working(cluster, kill):
     target = plugin.stage_and_publish(volume, "restart")
     assert Path(target, "after").read_bytes() == b"written after the restart"
     plugin.unpublish_and_unstage(volume.volume_id, "restart")
+    delete(plugin, volume)
+
+
+# --- ControllerPublish: one node per volume ---
+
+def publish(plugin, volume_id, node_id, readonly=False, volume_context=None) -> dict:
+    return dict(plugin.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=volume_id, node_id=node_id, volume_capability=capability(), readonly=readonly,
+        volume_context=volume_context or {}), timeout=60).publish_context)
+
+
+def unpublish(plugin, volume_id, node_id) -> None:
+    plugin.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=volume_id, node_id=node_id), timeout=60)
+
+
+def published_nodes(plugin, volume) -> tuple[list, list]:
+    """The published node ids ControllerGetVolume and ListVolumes report for the volume."""
+    got = plugin.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+        volume_id=volume.volume_id), timeout=60).status.published_node_ids
+    listed = [list(e.status.published_node_ids) for e in plugin.controller.ListVolumes(
+        csi_pb2.ListVolumesRequest(), timeout=60).entries if e.volume.volume_id == volume.volume_id]
+    return list(got), listed
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as failed:
+        call()
+    return failed.value
+
+
+def test_a_volume_is_published_to_one_node_and_that_outlives_a_plugin_restart(cluster):
+    plugin = cluster.plugin
+    volume = create(plugin, "pv-publish", policy="preferred")
+    try:
+        capabilities = {c.rpc.type for c in plugin.controller.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=30).capabilities}
+        Cap = csi_pb2.ControllerServiceCapability.RPC.Type
+        assert {Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY,
+                Cap.LIST_VOLUMES_PUBLISHED_NODES} <= capabilities
+        assert published_nodes(plugin, volume) == ([], [[]])
+
+        context = publish(plugin, volume.volume_id, NODE_A, volume_context=volume.volume_context)
+        assert context == {CTX_NBD_ADDRESS: volume.volume_context[CTX_NBD_ADDRESS],
+                           CTX_NBD_TLS: "true", CTX_READONLY: "false"}
+        # The external-attacher retries: the same node again is the same answer.
+        assert publish(plugin, volume.volume_id, NODE_A) == context
+        assert published_nodes(plugin, volume) == ([NODE_A], [[NODE_A]])
+
+        taken = rpc_error(lambda: publish(plugin, volume.volume_id, NODE_B))
+        assert taken.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"published to node {NODE_A}" in taken.details()
+        other_mode = rpc_error(lambda: publish(plugin, volume.volume_id, NODE_A, readonly=True))
+        assert other_mode.code() == grpc.StatusCode.ALREADY_EXISTS
+        in_use = rpc_error(lambda: delete(plugin, volume))
+        assert in_use.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"published to node {NODE_A}" in in_use.details()
+
+        # A detach from a node that does not have it (a late retry) leaves node-a's in place.
+        unpublish(plugin, volume.volume_id, NODE_B)
+        assert published_nodes(plugin, volume) == ([NODE_A], [[NODE_A]])
+
+        # The publication lives on the storage server, not in the plugin.
+        plugin.restart(kill=True)
+        assert published_nodes(plugin, volume) == ([NODE_A], [[NODE_A]])
+        assert rpc_error(lambda: publish(plugin, volume.volume_id, NODE_B)).code() == \
+            grpc.StatusCode.FAILED_PRECONDITION
+
+        unpublish(plugin, volume.volume_id, NODE_A)
+        unpublish(plugin, volume.volume_id, NODE_A)  # already detached: still OK
+        assert published_nodes(plugin, volume) == ([], [[]])
+        context_b = publish(plugin, volume.volume_id, NODE_B, readonly=True)
+        assert context_b == {**context, CTX_READONLY: "true"}
+        assert published_nodes(plugin, volume) == ([NODE_B], [[NODE_B]])
+        unpublish(plugin, volume.volume_id, NODE_B)
+    finally:
+        for node in (NODE_A, NODE_B):
+            unpublish(plugin, volume.volume_id, node)
+        delete(plugin, volume)
+
+
+def test_publishing_volumes_or_nodes_that_do_not_exist(cluster):
+    plugin = cluster.plugin
+    volume = create(plugin, "pv-publish-missing", policy="preferred")
+    server = server_of(volume)
+    missing = volume.volume_id.replace(volume.volume_id.split("-")[1], "f" * 32)
+    try:
+        assert rpc_error(lambda: publish(plugin, missing, NODE_A)).code() == grpc.StatusCode.NOT_FOUND
+        unpublish(plugin, missing, NODE_A)  # nothing to detach: OK, as the spec asks
+        unpublish(plugin, missing, "")
+        unpublish(plugin, "rd-not-a-volume-id", NODE_A)
+        assert rpc_error(lambda: publish(plugin, volume.volume_id, "node-z")).code() == \
+            grpc.StatusCode.NOT_FOUND
+        # A volume deleted meanwhile: the detach that follows succeeds.
+        delete(plugin, volume)
+        unpublish(plugin, volume.volume_id, NODE_A)
+        # A server the controller does not know right now is not "nothing published": its
+        # record would keep the volume tied to the node, so the detach is retried.
+        unknown = rpc_error(lambda: unpublish(plugin, volume.volume_id.replace(server, "srv9"),
+                                              NODE_A))
+        assert unknown.code() == grpc.StatusCode.UNAVAILABLE
+        assert "srv9" in unknown.details()
+    finally:
+        delete(plugin, volume)
+
+
+def test_node_stage_follows_a_server_whose_nbd_address_changed(cluster):
+    """CreateVolume recorded the server's NBD address in the volume_context; the server then
+    came back on another port. ControllerPublish reports where it is now, and NodeStage, given
+    the stale volume_context and that publish_context, attaches from there."""
+    plugin = cluster.plugin
+    node = plugin.node_id
+    volume = create(plugin, "pv-moved", policy="preferred")
+    server = server_of(volume)
+    moved = cluster.nbd_address(server, NBD_PORT + 1)
+    staging, target = plugin.path("moved", "staging"), plugin.path("moved", "target")
+    os.makedirs(staging, exist_ok=True)
+
+    def stage(publish_context):
+        plugin.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume.volume_id, staging_target_path=staging,
+            volume_capability=capability(), volume_context=volume.volume_context,
+            publish_context=publish_context), timeout=120)
+
+    try:
+        assert volume.volume_context[CTX_NBD_ADDRESS] == cluster.nbd_address(server)
+        cluster.stop_server(server)
+        cluster.start_server(server, nbd_port=NBD_PORT + 1)
+        context = publish(plugin, volume.volume_id, node, volume_context=volume.volume_context)
+        assert context[CTX_NBD_ADDRESS] == moved
+        # The address from create alone leads nowhere now.
+        stale = rpc_error(lambda: stage({}))
+        assert stale.code() == grpc.StatusCode.UNAVAILABLE
+        assert volume.volume_context[CTX_NBD_ADDRESS] in stale.details()
+        stage(context)
+        stage(context)  # idempotent: the same attachment
+        plugin.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume.volume_id, staging_target_path=staging, target_path=target,
+            volume_capability=capability(), volume_context=volume.volume_context,
+            publish_context=context), timeout=120)
+        data = os.urandom(1 << 20)
+        with open(Path(target, "moved"), "wb") as out:
+            out.write(data)
+            os.fsync(out.fileno())
+        assert Path(target, "moved").read_bytes() == data
+        log = [line for line in plugin.log_lines() if line.get("event") == "nbd helper started"
+               and line.get("volume_id") == volume.volume_id]
+        assert log, "the volume was not attached through the NBD helpers"
+    finally:
+        plugin.unpublish_and_unstage(volume.volume_id, "moved")
+        unpublish(plugin, volume.volume_id, node)
+        cluster.stop_server(server)
+        cluster.start_server(server)
     delete(plugin, volume)

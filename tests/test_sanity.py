@@ -53,15 +53,6 @@ PASSED, SKIPPED, PENDING = "passed", "skipped", "pending"
 _NOT_IN_CSI_1_12 = ("csi-test v5.6.0 is built on CSI v1.13; polyvol implements the CSI v1.12.0 "
                     "spec, which has no {}")
 ALLOWED_SKIPS = {
-    "ControllerPublishVolume not supported":
-        "polyvol attaches a volume on its node in NodeStageVolume and does not advertise "
-        "PUBLISH_UNPUBLISH_VOLUME: no ControllerPublish step is needed (its CSIDriver object "
-        "must say attachRequired: false)",
-    "Controller Publish, UnpublishVolume not supported":
-        "these volume lifecycle specs go through ControllerPublishVolume, which polyvol does not "
-        "advertise (PUBLISH_UNPUBLISH_VOLUME): it attaches in NodeStageVolume",
-    "ControllerUnpublishVolume not supported":
-        "polyvol does not advertise PUBLISH_UNPUBLISH_VOLUME (it attaches in NodeStageVolume)",
     "ControllerModifyVolume not supported":
         "no polyvol StorageClass type has mutable parameters, so MODIFY_VOLUME is not advertised",
     "Modify volume not supported":
@@ -85,6 +76,28 @@ ALLOWED_SKIPS = {
         _NOT_IN_CSI_1_12.format("NodeGetStorageHealth RPC nor GET_STORAGE_HEALTH node capability"),
     "SNAPSHOT_ACCESSIBILITY_CONSTRAINTS not supported":
         _NOT_IN_CSI_1_12.format("SNAPSHOT_ACCESSIBILITY_CONSTRAINTS plugin capability"),
+}
+# Skips of the local-ephemeral cases only: a local volume lives on its node, so the
+# local.polyvol.csi.io driver has no attach step (attachRequired: false) and its plugin does
+# not advertise PUBLISH_UNPUBLISH_VOLUME. The network classes do, and run these specs.
+LOCAL_SKIPS = {
+    "ControllerPublishVolume not supported":
+        "local volumes live on their node and need no attach step: local.polyvol.csi.io does "
+        "not advertise PUBLISH_UNPUBLISH_VOLUME (its CSIDriver says attachRequired: false)",
+    "Controller Publish, UnpublishVolume not supported":
+        "these lifecycle specs go through ControllerPublishVolume, which the local driver does "
+        "not advertise (no attach step for a volume that lives on its node)",
+    "ControllerUnpublishVolume not supported":
+        "the local driver does not advertise PUBLISH_UNPUBLISH_VOLUME (no attach step)",
+}
+# As deployed: the local driver's plugin serves only local-ephemeral (see deploy/).
+LOCAL_PLUGIN = ("--types", "local-ephemeral")
+# Skips of the network classes only (they advertise PUBLISH_UNPUBLISH_VOLUME).
+NETWORK_SKIPS = {
+    "testnodevolumeattachlimit not enabled":
+        "this spec creates MaxVolumesPerNode (256) volumes and runs only with "
+        "--csi.testnodevolumeattachlimit; Kubernetes enforces the per-node limit when it "
+        "schedules, from the max_volumes_per_node NodeGetInfo reports (CSINode allocatable)",
 }
 # Specs that csi-test itself disables (XIt), by name -> why; Ginkgo reports them as pending.
 ALLOWED_PENDING = {
@@ -158,19 +171,24 @@ def ceph_parameters(class_type: str) -> dict:
 
 CASES = [
     Case("local-ephemeral-ext4", parameters=None, size=64 * MiB,
-         must_run=("losetup", "mkfs.ext4"), must_not_run=("mkfs.xfs",)),
+         must_run=("losetup", "mkfs.ext4"), must_not_run=("mkfs.xfs",),
+         plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
     # mkfs.xfs refuses filesystems under 300 MiB.
     Case("local-ephemeral-xfs", parameters={"type": "local-ephemeral", "fsType": "xfs"},
-         size=300 * MiB, must_run=("losetup", "mkfs.xfs"), must_not_run=("mkfs.ext4",)),
+         size=300 * MiB, must_run=("losetup", "mkfs.xfs"), must_not_run=("mkfs.ext4",),
+         plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
     Case("local-ephemeral-block", parameters={"type": "local-ephemeral"}, size=64 * MiB,
-         access_type="block", must_run=("losetup",), must_not_run=("mkfs.ext4", "mkfs.xfs")),
+         access_type="block", must_run=("losetup",), must_not_run=("mkfs.ext4", "mkfs.xfs"),
+         plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
     # Through the user-space attach (qemu-storage-daemon TLS-PSK client -> nbdfuse -> loop),
     # the path CI can test: the machine has no nbd kernel module.
     Case("remote-disk-ext4", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
-         size=64 * MiB, must_run=("losetup", "mkfs.ext4", "nbdfuse"), services=remote_disk_cluster),
+         size=64 * MiB, must_run=("losetup", "mkfs.ext4", "nbdfuse"), services=remote_disk_cluster,
+         extra_allowed_skips=NETWORK_SKIPS),
     Case("remote-disk-block", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
          size=64 * MiB, access_type="block", must_run=("losetup", "nbdfuse"),
-         must_not_run=("mkfs.ext4", "mkfs.xfs"), services=remote_disk_cluster),
+         must_not_run=("mkfs.ext4", "mkfs.xfs"), services=remote_disk_cluster,
+         extra_allowed_skips=NETWORK_SKIPS),
     # Ceph RBD through the user-space attach (qemu-storage-daemon with librbd -> NBD on a unix
     # socket -> nbdfuse -> loop): the machine has no rbd kernel module.
     *(Case(f"{class_type}-{access}", parameters=ceph_parameters(class_type), size=64 * MiB,
@@ -178,7 +196,7 @@ CASES = [
            must_run=("losetup", "nbdfuse", "qemu-storage-daemon")
            + (("mkfs.ext4",) if access == "mount" else ()),
            must_not_run=("mkfs.xfs",) + (("mkfs.ext4",) if access == "block" else ()),
-           services=ceph_services, fixtures=("ceph_cluster",))
+           services=ceph_services, fixtures=("ceph_cluster",), extra_allowed_skips=NETWORK_SKIPS)
       for class_type in ("replicated", "erasure-coded") for access in ("mount", "block")),
 ]
 
@@ -386,10 +404,10 @@ def skip_table_markdown() -> str:
              "| csi-sanity skip message | why |",
              "|---|---|"]
     lines += [f"| {message} | {reason} |" for message, reason in ALLOWED_SKIPS.items()]
-    for case in CASES:
-        if case.extra_allowed_skips:
-            lines += ["", f"Only for `{case.id}`:", "", "| csi-sanity skip message | why |", "|---|---|"]
-            lines += [f"| {m} | {r} |" for m, r in case.extra_allowed_skips.items()]
+    for extra in (LOCAL_SKIPS, NETWORK_SKIPS):
+        ids = ", ".join(f"`{c.id}`" for c in CASES if c.extra_allowed_skips is extra)
+        lines += ["", f"Only for {ids}:", "", "| csi-sanity skip message | why |", "|---|---|"]
+        lines += [f"| {m} | {r} |" for m, r in extra.items()]
     lines += ["", "| pending spec | why |", "|---|---|"]
     lines += [f"| {name} | {reason} |" for name, reason in ALLOWED_PENDING.items()]
     return "\n".join(lines) + "\n"

@@ -207,7 +207,7 @@ def read_head(server: StorageServer, export: str, workdir: Path, length: int = M
 def test_volume_lifecycle_through_the_client(server, client):
     info = client.get_info()
     assert (info.name, dict(info.labels), info.nbd_address, info.nbd_tls, info.api_version) == \
-        ("s1", {"rack": "r1"}, f"127.0.0.1:{server.nbd_port}", True, 1)
+        ("s1", {"rack": "r1"}, f"127.0.0.1:{server.nbd_port}", True, 2)
     assert info.version
     before = client.get_capacity()
     assert 0 < before.available_bytes <= before.total_bytes
@@ -282,6 +282,12 @@ def test_requests_are_validated_first(client):
         (lambda: client.expand_volume(vid(10), -512), "positive multiple of 512"),
         (lambda: client.create_snapshot(sid(10), "s", ""), "source_volume_id is required"),
         (lambda: client.create_snapshot(vid(10), "s", vid(1)), "rd-snap-<32 lowercase hex>-s1"),
+        (lambda: client.publish_volume("", "node-a", False), "volume_id is required"),
+        (lambda: client.publish_volume(vid(10), "", False), "node_id is required: the CSI node id"),
+        (lambda: client.publish_volume(vid(10), "n" * 257, False), "longer than 256 bytes"),
+        (lambda: client.publish_volume(vid(10, "s2"), "node-a", False), "belongs to storage server 's2'"),
+        (lambda: client.unpublish_volume("", "node-a"), "volume_id is required"),
+        (lambda: client.unpublish_volume(vid(10), "n" * 257), "longer than 256 bytes"),
     ]
     for call, message in cases:
         with pytest.raises(errors.InvalidArgument, match=message):
@@ -312,9 +318,112 @@ def test_ids_of_other_servers_or_paths_are_refused_and_touch_nothing(server, cli
                 call()
     with pytest.raises(errors.InvalidArgument, match="belongs to storage server 's2'"):
         client.delete_volume(vid(20, "s2"))
+    for bad in crafted:
+        with pytest.raises((errors.InvalidArgument, errors.NotFound)):
+            client.publish_volume(bad, "node-a", False)
+        with pytest.raises((errors.InvalidArgument, errors.NotFound)):
+            client.unpublish_volume(bad, "node-a")
     assert tree(server.workdir) == before
     assert client.get_volume(vid(20)).size_bytes == 4 * MiB
     client.delete_volume(vid(20))
+
+
+# --- publication: one node per volume ---
+
+def published(client, volume_id_) -> tuple[str, bool]:
+    stored = client.get_volume(volume_id_)
+    return stored.published_node, stored.published_readonly
+
+
+def test_a_volume_is_published_to_one_node_at_a_time(server, client):
+    client.create_volume(vid(90), "shared", 4 * MiB, {})
+    assert published(client, vid(90)) == ("", False)
+    first = client.publish_volume(vid(90), "node-a", False)
+    assert (first.published_node, first.published_readonly) == ("node-a", False)
+    client.publish_volume(vid(90), "node-a", False)  # a retry: the same answer, nothing changes
+    assert published(client, vid(90)) == ("node-a", False)
+    assert [(v.published_node, v.published_readonly) for v in client.list_volumes()
+            if v.volume_id == vid(90)] == [("node-a", False)]
+
+    with pytest.raises(errors.FailedPrecondition, match="published to node node-a"):
+        client.publish_volume(vid(90), "node-b", False)
+    with pytest.raises(errors.AlreadyExists, match="read-write already"):
+        client.publish_volume(vid(90), "node-a", True)
+    # A published volume is not deleted (its node may attach it any moment), and the refusal
+    # leaves it exported.
+    with pytest.raises(errors.FailedPrecondition, match="published to node node-a: unpublish"):
+        client.delete_volume(vid(90))
+    assert vid(90) in server.exports()
+
+    client.unpublish_volume(vid(90), "node-b")  # not node-b's: a no-op that succeeds
+    assert published(client, vid(90)) == ("node-a", False)
+    client.unpublish_volume(vid(90), "node-a")
+    assert published(client, vid(90)) == ("", False)
+    client.unpublish_volume(vid(90), "node-a")  # already unpublished: still OK
+    record = json.loads((server.data_dir / "volumes" / vid(90) / "meta.json").read_text())
+    assert "publication" not in record  # as a record written before publication existed
+
+    client.publish_volume(vid(90), "node-b", True)  # free again, for anyone
+    assert published(client, vid(90)) == ("node-b", True)
+    client.unpublish_volume(vid(90), "")  # "" = whichever node has it
+    assert published(client, vid(90)) == ("", False)
+    client.delete_volume(vid(90))
+
+    # Gone: publishing it is NOT_FOUND, unpublishing it succeeds (there is nothing to undo).
+    with pytest.raises(errors.NotFound):
+        client.publish_volume(vid(90), "node-a", False)
+    client.unpublish_volume(vid(90), "node-a")
+    client.unpublish_volume(vid(91), "")
+    calls = {(line["method"], line["code"]) for line in server.log_lines() if line.get("event") == "rpc"
+             and line.get("volume") == vid(90)}
+    assert {("PublishVolume", "FAILED_PRECONDITION"), ("PublishVolume", "ALREADY_EXISTS"),
+            ("DeleteVolume", "FAILED_PRECONDITION"), ("UnpublishVolume", "OK")} <= calls
+
+
+def test_publications_survive_a_server_restart_and_old_records_read_as_unpublished(keys):
+    for server in make_server(keys, "--reconnect-grace", "0"):
+        with server.client() as client:
+            client.create_volume(vid(92), "kept", 4 * MiB, {})
+            client.create_volume(vid(93), "old", 4 * MiB, {})
+            client.publish_volume(vid(92), "node-a", True)
+        # vid(93)'s record as a version-1 server wrote it: no publication key at all.
+        old = server.data_dir / "volumes" / vid(93) / "meta.json"
+        record = json.loads(old.read_text())
+        record.pop("publication", None)
+        old.write_text(json.dumps(record))
+        server.stop(signal.SIGKILL)
+        server.start("--reconnect-grace", "0")
+        with server.client() as client:
+            assert published(client, vid(92)) == ("node-a", True)
+            assert published(client, vid(93)) == ("", False)
+            with pytest.raises(errors.FailedPrecondition, match="node-a"):
+                client.publish_volume(vid(92), "node-b", True)
+            client.publish_volume(vid(93), "node-b", False)
+            assert published(client, vid(93)) == ("node-b", False)
+            assert client.expand_volume(vid(93), 8 * MiB).published_node == "node-b"
+            for volume_id_ in (vid(92), vid(93)):
+                client.unpublish_volume(volume_id_, "")
+                client.delete_volume(volume_id_)
+
+
+def test_a_server_too_old_to_publish_says_to_upgrade_it(keys):
+    """A version-1 server has no PublishVolume: the controller gets FAILED_PRECONDITION saying
+    what to do, not UNIMPLEMENTED (which would read as "polyvol cannot do this")."""
+    from concurrent import futures
+
+    from driver.storage import tls
+
+    old = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    storage_pb2_grpc.add_StorageServerServicer_to_server(storage_pb2_grpc.StorageServerServicer(), old)
+    port = old.add_secure_port("127.0.0.1:0", tls.server_credentials(keys / "tls"))
+    old.start()
+    try:
+        with StorageClient(f"127.0.0.1:{port}", str(keys / "tls"), timeout=10) as client:
+            with pytest.raises(errors.FailedPrecondition, match="does not implement PublishVolume: "
+                                                                "upgrade polyvol on that server"):
+                client.publish_volume(vid(94), "node-a", False)
+    finally:
+        old.stop(grace=None)
 
 
 # --- authentication ---
@@ -543,3 +652,42 @@ def test_storage_cli(server, client, keys, tmp_path):
                        "--tls-dir", str(keys / "tls"), "--nbd-psk-file", str(psk))
     assert busy.returncode != 0 and "nbdkit did not start" in busy.stderr, busy.stderr[-2000:]
     assert not nbdkit_pids(tmp_path)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_count_volumes_space_rpcs_and_the_data_plane(keys):
+    metrics_port = free_port()
+    for server in make_server(keys, "--reconnect-grace", "0",
+                              "--metrics-address", f"127.0.0.1:{metrics_port}"):
+        with server.client() as client:
+            client.create_volume(vid(70), "m1", 4 * MiB, {})
+            client.create_volume(vid(71), "m2", 8 * MiB, {})
+            client.publish_volume(vid(71), "node-a", False)
+            with pytest.raises(errors.NotFound):
+                client.get_volume(vid(72))
+        write_pattern(server, vid(70), server.workdir, seed=1)  # 1 MiB of data
+        samples = scrape(metrics_port)
+        assert samples['polyvol_storage_volumes{state="all"}'] == 2
+        assert samples['polyvol_storage_volumes{state="published"}'] == 1
+        assert samples['polyvol_storage_volumes{state="attached"}'] == 0
+        assert samples['polyvol_storage_bytes{kind="allocated"}'] >= MiB
+        assert 0 < samples['polyvol_storage_bytes{kind="available"}'] <= samples['polyvol_storage_bytes{kind="total"}']
+        assert samples['polyvol_storage_nbdkit{what="up"}'] == 1
+        assert samples['polyvol_storage_nbdkit{what="restarts"}'] == 0
+        ok = 'polyvol_rpc_total{code="OK",driver="storage-server",method="CreateVolume"}'
+        missing = 'polyvol_rpc_total{code="NOT_FOUND",driver="storage-server",method="GetVolume"}'
+        assert samples[ok] == 2 and samples[missing] == 1
+        assert samples['polyvol_rpc_seconds_count{driver="storage-server",method="CreateVolume"}'] == 2

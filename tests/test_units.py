@@ -6,12 +6,15 @@ test fails when the behaviour it pins changes.
 
 import json
 import os
+import shutil
+import subprocess
 import threading
+import time
 
 import grpc
 import pytest
 
-from driver import errors, fs, state
+from driver import command, errors, fs, state
 from driver.backends.base import DEFAULT_SIZE, choose_size
 from driver.errors import Aborted, FailedPrecondition, InvalidArgument, OutOfRange, status_of
 from driver.locks import OperationLocks
@@ -421,16 +424,142 @@ def test_mountinfo_keeps_utf8_names_next_to_escapes():
 
 
 def test_mountinfo_lookups_use_the_unescaped_path(monkeypatch):
-    monkeypatch.setattr(fs, "mounts", lambda mountinfo=None, _parse=fs.mounts: _parse(MOUNTINFO))
+    monkeypatch.setattr(fs, "_read_mountinfo", lambda: MOUNTINFO)
     stacked = fs.mounts_at("/mnt/café bar")
     assert [m.mount_id for m in stacked] == [103, 105]  # in mount order: the top one last
     assert fs.mounts_at("/mnt/café bar/") == stacked  # normalised
     assert fs.is_mounted("/var/lib/kubelet/pods/a b/volumes/my\tvol")
     assert not fs.is_mounted(r"/var/lib/kubelet/pods/a\040b/volumes/my\011vol")
     assert not fs.is_mounted("/mnt")
+    assert fs.is_mounted("/srv/back\\slash")
+    assert not fs.is_mounted("/srv/back")  # a prefix of a mounted path is not mounted
+    assert not fs.is_mounted("/sub\\dir")  # a bind mount's root is not its target
+    assert fs.mounts_at("/") == [m for m in fs.mounts(MOUNTINFO) if m.target == "/"]
+
+
+def test_mountinfo_lookups_agree_with_a_full_parse(monkeypatch):
+    """The lookups parse only the lines that can match; they must find exactly what a
+    filter over the whole table finds, for every target and device in it."""
+    monkeypatch.setattr(fs, "_read_mountinfo", lambda: MOUNTINFO)
+    every = fs.mounts(MOUNTINFO)
+    for mount in every:
+        assert fs.mounts_at(mount.target) == [m for m in every if m.target == mount.target]
+        monkeypatch.setattr(fs, "device_number", lambda device, number=mount.device: number)
+        assert fs.mounts_of_device("/dev/x") == [m for m in every if m.device == mount.device]
 
 
 def test_mounts_reads_this_process_mountinfo_by_default():
     targets = [m.target for m in fs.mounts()]
     assert "/" in targets
     assert "/proc" in targets
+
+
+# --- driver.fs: the ext4 superblock read by grow_unmounted ------------------------------------
+
+def _superblock_image(tmp_path, blocks: int, log_block_size: int, incompat: int,
+                      magic: int = 0xEF53, device_bytes: int = 4 * MiB):
+    block = bytearray(1024)
+    block[0x04:0x08] = (blocks & 0xFFFFFFFF).to_bytes(4, "little")
+    block[0x18:0x1C] = log_block_size.to_bytes(4, "little")
+    block[0x38:0x3A] = magic.to_bytes(2, "little")
+    block[0x60:0x64] = incompat.to_bytes(4, "little")
+    block[0x150:0x154] = (blocks >> 32).to_bytes(4, "little")
+    image = tmp_path / "sb.img"
+    with open(image, "wb") as out:
+        out.truncate(device_bytes)
+        out.seek(1024)
+        out.write(block)
+    return str(image)
+
+
+@pytest.mark.parametrize("blocks, log_block_size, incompat, expected", [
+    (16384, 2, 0x2C2, 16384 * 4096),                # 4 KiB blocks, 64bit (0x80) among others
+    (65536, 0, 0x002, 65536 * 1024),                # 1 KiB blocks, no 64bit feature
+    ((5 << 32) + 7, 2, 0x80, ((5 << 32) + 7) * 4096),  # the high word counts with 64bit...
+    ((5 << 32) + 7, 2, 0x00, 7 * 4096),              # ...and is ignored without it
+])
+def test_ext4_size_from_the_superblock(tmp_path, blocks, log_block_size, incompat, expected):
+    image = _superblock_image(tmp_path, blocks, log_block_size, incompat)
+    assert fs._ext4_bytes(image) == (expected, 4 * MiB)
+
+
+@pytest.mark.parametrize("magic, log_block_size", [(0x1234, 2), (0xEF53, 40)])
+def test_ext4_size_refuses_what_is_not_an_ext4_superblock(tmp_path, magic, log_block_size):
+    image = _superblock_image(tmp_path, 100, log_block_size, 0, magic=magic)
+    assert fs._ext4_bytes(image) == (None, 4 * MiB)
+
+
+def test_ext4_size_of_a_short_device(tmp_path):
+    image = tmp_path / "short.img"
+    image.write_bytes(bytes(1500))
+    assert fs._ext4_bytes(str(image)) == (None, 1500)
+
+
+@pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="needs e2fsprogs")
+@pytest.mark.parametrize("options", [[], ["-O", "^64bit"], ["-b", "1024"]])
+def test_ext4_size_agrees_with_dumpe2fs(tmp_path, options):
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as out:
+        out.truncate(40 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", *options, str(image), "30M"], check=True,
+                   capture_output=True)
+    header = subprocess.run(["dumpe2fs", "-h", str(image)], check=True, capture_output=True,
+                            text=True).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    assert int(fields["Block count"]) * int(fields["Block size"]) == 30 * MiB
+    assert fs._ext4_bytes(str(image)) == (30 * MiB, 40 * MiB)
+
+
+# --- driver.command: running tools, and the per-RPC accounting ---------------------------------
+
+def test_command_output_exit_code_and_stderr():
+    result = command.run(["sh", "-c", "printf 'a\\r\\nb'; echo oops >&2; exit 3"], ok_codes=(3,))
+    assert (result.returncode, result.stdout, result.stderr) == (3, "a\nb", "oops\n")
+    with pytest.raises(errors.CommandFailed) as failed:
+        command.run(["sh", "-c", "echo broken >&2; exit 2"])
+    assert (failed.value.returncode, failed.value.stderr) == (2, "broken\n")
+    with pytest.raises(errors.CommandFailed) as missing:
+        command.run(["polyvol-no-such-tool"])
+    assert missing.value.returncode == 127
+
+
+def test_command_large_output_and_input():
+    # More than a pipe holds, both ways: nothing may deadlock.
+    text = "x" * (300 * KiB) + "\n"
+    assert command.run(["cat"], input=text).stdout == text
+    assert len(command.run(["head", "-c", str(MiB), "/dev/zero"]).stdout) == MiB
+
+
+def test_command_timeout_kills_the_tool():
+    started = time.monotonic()
+    with pytest.raises(errors.CommandTimedOut):
+        command.run(["sleep", "30"], timeout=0.3)
+    assert time.monotonic() - started < 5
+
+
+def test_accounting_keeps_command_and_kernel_time_apart():
+    with command.accounting() as spent:
+        command.run(["sleep", "0.05"])
+        with command.kernel("test call") as fields:
+            fields["extra"] = 1
+            time.sleep(0.03)
+        time.sleep(0.03)  # the plugin's own time: in neither box
+    assert 0.05 <= spent.seconds < 1
+    assert 0.03 <= spent.kernel_seconds < 1
+    assert spent.external_seconds == spent.seconds + spent.kernel_seconds
+    command.run(["true"])  # outside any accounting: counted nowhere, no error
+
+
+# --- driver.attach.loop: which devices a lookup reads -----------------------------------------
+
+def test_loop_lookup_reads_only_loop_devices_with_a_capacity():
+    from driver.attach import loop
+    partitions = (b"major minor  #blocks  name\n\n"
+                  b" 254        0  268435456 vda\n"
+                  b" 254        1     524288 vda1\n"
+                  b"   7        3      65536 loop3\n"
+                  b"   7       12          0 loop12\n"       # under 1 KiB: still a capacity
+                  b" 259        0      32768 loop3p1\n"      # a partition of loop3
+                  b"   7       40    1048576 loop40\n")
+    assert loop._sized_loop_names(partitions) == ["loop3", "loop12", "loop40"]
+    assert loop._sized_loop_names(b"major minor  #blocks  name\n\n 254 0 1 vda\n") == []

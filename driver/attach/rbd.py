@@ -96,6 +96,7 @@ from . import nbd
 _log = log.get("attach.rbd")
 
 METHOD_KRBD = "rbd-krbd"
+RBD_SYSFS = Path("/sys/bus/rbd/devices")  # one entry per mapped krbd device
 METHOD_NBD = "rbd-nbd"
 MODES = ("auto", "krbd", "userspace")
 FENCE_AFTER = 5.0             # seconds a lock owner gets to hand the lock over before fencing
@@ -439,7 +440,7 @@ def krbd_unmap_argv(device: str, force: bool = False) -> list[str]:
 def _krbd_devices(recorded: dict) -> list[str]:
     """/dev/rbdN devices mapping the recorded image (read from sysfs: no cluster call)."""
     devices = []
-    root = Path("/sys/bus/rbd/devices")
+    root = RBD_SYSFS
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         def attr(name):
             with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@ import abc
 import re
 from dataclasses import dataclass, field
 
-from ..errors import InvalidArgument, OutOfRange
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -28,6 +28,37 @@ class Volume:
     source_snapshot_id: str = ""
     source_volume_id: str = ""
     context: dict = field(default_factory=dict)  # extra volume_context for the node
+    publication: "Publication | None" = None  # the node it is published to (network classes)
+
+
+@dataclass(frozen=True)
+class Publication:
+    """The one node a network volume is attached to (ControllerPublishVolume), kept with the
+    volume's own metadata so that it survives a controller restart."""
+    node_id: str
+    readonly: bool
+
+
+def check_publication(volume_id: str, current: Publication | None, node_id: str,
+                      readonly: bool) -> bool:
+    """The rule every publishing backend applies before it records `node_id`: a volume is
+    published to at most one node, read-write or read-only. Return True when exactly this
+    publication is recorded already (nothing to write), False when it is free to record;
+    raise when another node has it (FAILED_PRECONDITION, as the spec says) or this node has
+    it with the other readonly flag (ALREADY_EXISTS)."""
+    if current is None:
+        return False
+    if current.node_id != node_id:
+        raise FailedPrecondition(
+            f"volume {volume_id} is published to node {current.node_id}; a polyvol volume is "
+            f"attached to one node at a time: unpublish it there first (Kubernetes does so "
+            f"once the pod on {current.node_id} is gone)")
+    if current.readonly != readonly:
+        raise AlreadyExists(
+            f"volume {volume_id} is published to node {node_id} "
+            f"{'read-only' if current.readonly else 'read-write'} already; unpublish it first "
+            f"to publish it {'read-only' if readonly else 'read-write'}")
+    return True
 
 
 @dataclass
@@ -126,6 +157,21 @@ class Backend(abc.ABC):
     def list_snapshots(self) -> list[Snapshot]:
         """Every snapshot, ids sorted."""
 
+    # Network volumes are published (ControllerPublishVolume) to one node before a node
+    # attaches them; node-local volumes are not, they already live on their node.
+    #: whether this backend's volumes go through ControllerPublish/Unpublish
+    publishes: bool = False
+
+    def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
+        """Record `node_id` as the volume's one node (see check_publication) and return the
+        publish_context the node needs to attach it. Idempotent. NotFound for no volume."""
+        raise NotImplementedError(f"{type(self).__name__} does not publish volumes")
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        """Forget the publication to `node_id` ("": to any node). Succeed when the volume or
+        the publication is gone, or the volume is published to another node."""
+        raise NotImplementedError(f"{type(self).__name__} does not publish volumes")
+
     @abc.abstractmethod
     def condition(self, volume_id: str) -> Condition:
         """Whether the volume's data is reachable and intact, from where this plugin runs."""
@@ -137,7 +183,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, volume_id: str, context: dict) -> Attachment:
-        """Make the volume a block device on this node, or return the one already made."""
+        """Make the volume a block device on this node, or return the one already made.
+        `context` is the volume_context with the publish_context over it."""
 
     @abc.abstractmethod
     def find_attachment(self, volume_id: str) -> Attachment | None:

@@ -72,6 +72,22 @@ A volume deleted while it still has snapshots or clones cannot be removed from R
 record goes (CSI sees it deleted) and the image stays as a "zombie" (`zombie.<uuid>`), removed
 by the DeleteVolume/DeleteSnapshot that frees it.
 
+Publication (ControllerPublishVolume: one node per volume). The node a volume is published to
+is the key `pub.<uuid>` in the same `polyvol.volumes` omap, next to the volume's record:
+`{"schema": 1, "node_id", "readonly", "published_at"}` (a reader refuses a newer schema).
+Written with a compare-and-swap (omap_cmp in the same RADOS write op: the record unchanged, the
+publication still what was read), so two controllers, or a DeleteVolume racing a publish,
+cannot interleave. Not in the image's own metadata, although that would travel with the image:
+librbd sends an image metadata change to the holder of the image's exclusive lock, and when
+that holder is a lost node whose watch has not expired yet, metadata_set waits the whole watch
+timeout (measured 30 s) and afterwards breaks the lock and blocklists the old node from the
+controller; an omap write on another object takes about a millisecond and never touches the
+image, its lock or its watchers. The omap is also what ListVolumes already reads, so
+published_node_ids cost one more omap read per pool, not one image open per volume.
+DeleteVolume removes the publication with the record. The publish_context is empty: the node
+needs nothing the volume_context does not already carry (fencing a previous holder is the
+node's attach; see driver.attach.rbd).
+
 Image features. Default `layering,exclusive-lock,object-map,fast-diff,deep-flatten`: all five
 are supported by librbd (what QEMU's rbd driver and rbd-nbd use) and by krbd since Linux 5.3
 (Debian 12 has 6.1). layering is required (snapshots restore as clones); exclusive-lock keeps
@@ -103,7 +119,8 @@ from ..errors import (Aborted, AlreadyExists, FailedPrecondition, InvalidArgumen
                       Unavailable)
 from ..parameters import COMMON_KEYS, TYPE, check_common
 from ..rpc import request_secrets
-from .base import HEALTHY, Attachment, Backend, Condition, CreateRequest, Snapshot, Volume, check_known_keys
+from .base import (HEALTHY, Attachment, Backend, Condition, CreateRequest, Publication, Snapshot,
+                   Volume, check_known_keys, check_publication)
 
 _log = log.get("ceph")
 
@@ -157,6 +174,8 @@ LOCK_SECONDS = 30          # a crashed lock holder blocks others at most this lo
 LOCK_WAIT = 10.0           # then ABORTED
 IMAGE_META_NAME = "polyvol.volume_name"
 IMAGE_META_ID = "polyvol.volume_id"
+PUBLICATION_SCHEMA = 1     # of the `pub.<uuid>` records (see "Publication" above)
+SWAP_ATTEMPTS = 5          # compare-and-swap retries before ABORTED (the sidecar retries)
 
 CONNECT_TIMEOUT = 5        # client_mount_timeout: monitors must answer within this
 MON_OP_TIMEOUT = 10        # rados_mon_op_timeout
@@ -204,6 +223,13 @@ def volume_id_of(image_uuid: str, pool_id: int, cluster_id: str) -> str:
 
 def snapshot_id_of(image_uuid: str, snap_uuid: str, pool_id: int, cluster_id: str) -> str:
     return f"{PREFIX}-snap-{image_uuid}-{snap_uuid}-{pool_id}-{cluster_id}"
+
+
+def _add_omap_changes(ioctx, op, set_: dict[str, str] | None, remove: list[str] | None) -> None:
+    if set_:
+        ioctx.set_omap(op, tuple(set_), tuple(v.encode() for v in set_.values()))
+    if remove:
+        ioctx.remove_omap_keys(op, tuple(remove))
 
 
 def _bindings():
@@ -668,6 +694,7 @@ class _Session:
 class CephBackend(Backend):
     types = (TYPE_REPLICATED, TYPE_EC)
     id_prefix = PREFIX
+    publishes = True  # one node per image: RWO enforced here, not only by Kubernetes
 
     def __init__(self, clusters: ClusterDirectory | None = None, attacher=None,
                  max_clone_depth: int = MAX_CLONE_DEPTH):
@@ -839,15 +866,36 @@ class CephBackend(Backend):
                     remove: list[str] | None = None) -> None:
         rados, _ = _bindings()
         with rados.WriteOpCtx() as op:
-            if set_:
-                ioctx.set_omap(op, tuple(set_), tuple(v.encode() for v in set_.values()))
-            if remove:
-                ioctx.remove_omap_keys(op, tuple(remove))
+            _add_omap_changes(ioctx, op, set_, remove)
             try:
                 ioctx.operate_write_op(op, obj)
             except rados.ObjectNotFound:
                 if set_:
                     raise
+
+    @staticmethod
+    def _omap_swap(ioctx, obj: str, expect: dict[str, str], set_: dict[str, str] | None = None,
+                   remove: list[str] | None = None) -> bool:
+        """Write only if every key of `expect` still holds that value ("": absent), in one
+        RADOS write op (omap_cmp): a compare-and-swap on the object, no lock round trips.
+        False when a value changed since it was read (the caller reads again)."""
+        rados, _ = _bindings()
+        with rados.WriteOpCtx() as op:
+            for key, value in expect.items():
+                # The binding passes len(str) as the byte length: only ASCII compares right
+                # (polyvol's records are json.dumps output, ASCII by default).
+                if not value.isascii():
+                    raise FailedPrecondition(f"{obj} {key} in pool {ioctx.get_pool_name()} is not "
+                                             f"ASCII JSON: polyvol did not write it")
+                op.omap_cmp(key, value, rados.LIBRADOS_CMPXATTR_OP_EQ)
+            _add_omap_changes(ioctx, op, set_, remove)
+            try:
+                ioctx.operate_write_op(op, obj)
+            except rados.Error as error:
+                if abs(getattr(error, "errno", 0) or 0) == errno.ECANCELED:
+                    return False  # a comparison failed: nothing was written
+                raise
+        return True
 
     @contextlib.contextmanager
     def _naming_lock(self, ioctx, obj: str):
@@ -881,6 +929,29 @@ class CephBackend(Backend):
         if record and cluster is not None and record.get("cluster", cluster) != cluster:
             return None
         return record
+
+    def _read_volume(self, ioctx, image_uuid: str, cluster: str | None = None) -> tuple[dict | None, str, str]:
+        """(record, the record as stored, the publication as stored, "" for none) in one omap
+        read; the record is None as in _volume_record."""
+        keys = [f"vol.{image_uuid}", f"pub.{image_uuid}"]
+        found = self._omap_get(ioctx, VOLUMES_OBJECT, keys)
+        raw, raw_publication = found.get(keys[0], ""), found.get(keys[1], "")
+        record = json.loads(raw) if raw else None
+        if record and cluster is not None and record.get("cluster", cluster) != cluster:
+            record = None
+        return record, raw, raw_publication
+
+    @staticmethod
+    def _publication(raw: str, volume_id: str) -> Publication | None:
+        if not raw:
+            return None
+        record = json.loads(raw)
+        schema = record.get("schema")
+        if not isinstance(schema, int) or schema > PUBLICATION_SCHEMA:
+            raise FailedPrecondition(
+                f"the publication record of volume {volume_id} has schema {schema!r}; this "
+                f"polyvol understands up to {PUBLICATION_SCHEMA}: upgrade the polyvol controller")
+        return Publication(record["node_id"], bool(record["readonly"]))
 
     def _write_volume_record(self, ioctx, record: dict, name_too: bool = False) -> None:
         entries = {f"vol.{record['uuid']}": json.dumps(record, sort_keys=True)}
@@ -1083,7 +1154,8 @@ class CephBackend(Backend):
                       ms=round((time.monotonic() - started) * 1000))
 
     def _volume(self, s: _Session, pool: str, pool_id: int, record: dict,
-                size: int | None = None, copies: float | None = None) -> Volume:
+                size: int | None = None, copies: float | None = None,
+                publication: Publication | None = None) -> Volume:
         if copies is None:
             copies = self._copies(s.pools(), record["data_pool"] or pool)
         cluster = record.get("cluster", s.cluster_id)
@@ -1093,7 +1165,7 @@ class CephBackend(Backend):
             storage_class_type=record.get("type", TYPE_EC if record["data_pool"] else TYPE_REPLICATED),
             parameters=dict(record["parameters"]), copies=copies, topology=[],
             source_snapshot_id=record["source_snapshot_id"],
-            source_volume_id=record["source_volume_id"],
+            source_volume_id=record["source_volume_id"], publication=publication,
             context={CTX_CLUSTER: cluster, CTX_MONITORS: s.monitors, CTX_POOL: pool,
                      CTX_DATA_POOL: record["data_pool"], CTX_IMAGE: image_name(record["uuid"])})
 
@@ -1134,7 +1206,8 @@ class CephBackend(Backend):
                                                      image_name(source["image"]),
                                                      clone_snap_name(m["image"]))
             with self._naming_lock(ioctx, VOLUMES_OBJECT):
-                remove = [f"vol.{m['image']}"]
+                # a deleted volume is published nowhere: its publication goes with its record
+                remove = [f"vol.{m['image']}", f"pub.{m['image']}"]
                 if record:
                     owner = self._omap_get(ioctx, VOLUMES_OBJECT, [f"name.{record['name']}"])
                     if owner.get(f"name.{record['name']}") == m["image"]:
@@ -1195,7 +1268,7 @@ class CephBackend(Backend):
         with self._session(m["cluster"], required=False) as s:
             pool = s.pool_name(int(m["pool"]))
             ioctx = s.ioctx(pool)
-            record = self._volume_record(ioctx, m["image"], m["cluster"])
+            record, _, raw_publication = self._read_volume(ioctx, m["image"], m["cluster"])
             if record is None or record["state"] != STATE_READY:
                 raise NotFound(f"volume {volume_id} does not exist")
             try:
@@ -1204,7 +1277,8 @@ class CephBackend(Backend):
             except rbd.ImageNotFound:
                 raise NotFound(f"volume {volume_id} has a record but no image "
                                f"{image_name(m['image'])} in pool {pool}") from None
-            return self._volume(s, pool, int(m["pool"]), record, size=size)
+            return self._volume(s, pool, int(m["pool"]), record, size=size,
+                                publication=self._publication(raw_publication, volume_id))
 
     def _scan(self, obj: str, prefix: str):
         """(session, pool name, pool id, {key: value}) for the omap entries starting with
@@ -1244,11 +1318,79 @@ class CephBackend(Backend):
     def list_volumes(self) -> list[Volume]:
         volumes = []
         for s, pool, pool_id, entries in self._scan(VOLUMES_OBJECT, "vol."):
+            # every publication of the pool in one more omap read, not one read per volume
+            with _ceph_errors(f"pool {pool}"):
+                published = self._omap_list(s.ioctx(pool), VOLUMES_OBJECT, "pub.")
             for raw in entries.values():
                 record = json.loads(raw)
                 if record["state"] == STATE_READY:
-                    volumes.append(self._volume(s, pool, pool_id, record))
+                    volume = self._volume(s, pool, pool_id, record)
+                    volume.publication = self._publication(
+                        published.get(f"pub.{record['uuid']}", ""), volume.volume_id)
+                    volumes.append(volume)
         return sorted(volumes, key=lambda v: v.volume_id)
+
+    # --- controller: publication (see "Publication" in the module docstring) ---------------
+
+    def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
+        m = VOLUME_ID.fullmatch(volume_id)
+        if m is None:
+            raise NotFound(f"volume {volume_id!r} does not exist (not a Ceph volume id)")
+        # The request's secrets (the StorageClass's controller-publish secret) when it has
+        # them, else the latest connection to the cluster, as for ControllerGetVolume.
+        with self._session(m["cluster"], required=False) as s:
+            ioctx = s.ioctx(s.pool_name(int(m["pool"])))
+            pub_key = f"pub.{m['image']}"
+            for _ in range(SWAP_ATTEMPTS):
+                record, raw, raw_publication = self._read_volume(ioctx, m["image"], m["cluster"])
+                if record is None or record["state"] != STATE_READY:
+                    raise NotFound(f"volume {volume_id} does not exist")
+                current = self._publication(raw_publication, volume_id)
+                if check_publication(volume_id, current, node_id, readonly):
+                    return {}
+                publication = json.dumps({"schema": PUBLICATION_SCHEMA, "node_id": node_id,
+                                          "readonly": readonly, "published_at": time.time()},
+                                         sort_keys=True)
+                # The record must be the one read (a DeleteVolume in between leaves no
+                # publication behind) and the volume still unpublished (another controller).
+                if self._omap_swap(ioctx, VOLUMES_OBJECT, {f"vol.{m['image']}": raw, pub_key: ""},
+                                   set_={pub_key: publication}):
+                    _log.info("volume published", volume_id=volume_id, node_id=node_id,
+                              readonly=readonly)
+                    return {}
+        raise Aborted(f"the records of volume {volume_id} kept changing while it was being "
+                      f"published to node {node_id}; retry")
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        m = VOLUME_ID.fullmatch(volume_id)
+        if m is None:
+            return  # not an id polyvol ever made: published nowhere
+        with self._session(m["cluster"], required=False) as s:
+            try:
+                ioctx = s.ioctx(s.pool_name(int(m["pool"])))
+            except NotFound:
+                return  # the pool is gone, and its volumes with it
+            pub_key = f"pub.{m['image']}"
+            for _ in range(SWAP_ATTEMPTS):
+                record, _, raw_publication = self._read_volume(ioctx, m["image"])
+                if record and record.get("cluster", m["cluster"]) != m["cluster"]:
+                    return  # an alias id names no volume (see _volume_record)
+                current = self._publication(raw_publication, volume_id)
+                if current is None:
+                    return
+                if node_id and current.node_id != node_id:
+                    # The CO's view of a node that no longer has the volume: not ours to undo.
+                    _log.info("unpublish for another node ignored", volume_id=volume_id,
+                              node_id=node_id, published_to=current.node_id)
+                    return
+                # Touches only the omap, never the image: nothing here waits for the lost
+                # node's exclusive lock or watch (the next node's attach fences it).
+                if self._omap_swap(ioctx, VOLUMES_OBJECT, {pub_key: raw_publication},
+                                   remove=[pub_key]):
+                    _log.info("volume unpublished", volume_id=volume_id, node_id=current.node_id)
+                    return
+        raise Aborted(f"the publication of volume {volume_id} kept changing while it was being "
+                      f"unpublished; retry")
 
     def expand_volume(self, volume_id: str, size_bytes: int) -> int:
         m = VOLUME_ID.fullmatch(volume_id)

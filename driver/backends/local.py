@@ -7,6 +7,7 @@ inline volumes (whose CSI id is chosen by kubelet) find their volume again.
 
 import contextlib
 import hashlib
+import os
 
 from .. import fs, log
 from ..attach import loop
@@ -30,7 +31,10 @@ class LocalBackend(Backend):
 
     def __init__(self, state_dir: str, node_id: str, reserve_bytes: int = 0):
         self.node_id = node_id
-        self.store = FileStore(f"{state_dir}/local", rf"{PREFIX}-[0-9a-f]{{32}}",
+        # Resolved once: the kernel names a loop device's backing file by its real path, and
+        # with a real root every data path is one (the store makes no links below it), so
+        # the loop lookups below need no realpath of their own.
+        self.store = FileStore(os.path.realpath(f"{state_dir}/local"), rf"{PREFIX}-[0-9a-f]{{32}}",
                                rf"{PREFIX}-snap-[0-9a-f]{{32}}", reserve_bytes, f"node {node_id}")
 
         self._thaw_left_frozen()
@@ -40,7 +44,7 @@ class LocalBackend(Backend):
         filesystem frozen, and the pod's writes hang; thaw every mounted volume at start
         (thawing one that is not frozen is a harmless EINVAL)."""
         for record in self.store.list_volumes():
-            for device in loop.find(str(self.store.data_path(record["volume_id"]))):
+            for device in loop.find(str(self.store.data_path(record["volume_id"])), resolved=True):
                 for mount in fs.mounts_of_device(device)[:1]:
                     fs.thaw(mount.target)
 
@@ -74,7 +78,7 @@ class LocalBackend(Backend):
         """Copy a volume that a pod is using only with its filesystem frozen, so the copy
         is a consistent point in time rather than a file torn by writes during the copy."""
         mount_path = None
-        for device in loop.find(str(disk)):
+        for device in loop.find(os.path.realpath(disk), resolved=True):
             mounted = fs.mounts_of_device(device)
             if mounted:
                 mount_path = mounted[0].target
@@ -83,7 +87,7 @@ class LocalBackend(Backend):
 
     def delete_volume(self, volume_id: str) -> None:
         try:
-            in_use = loop.find(str(self.store.data_path(volume_id)))
+            in_use = loop.find(str(self.store.data_path(volume_id)), resolved=True)
         except NotFound:
             return
         if in_use:
@@ -147,16 +151,17 @@ class LocalBackend(Backend):
     # --- node side ---
     def attach(self, volume_id: str, context: dict) -> Attachment:
         self.store.read_volume(volume_id)
-        return Attachment(loop.ensure_attached(str(self.store.data_path(volume_id))), "loop")
+        return Attachment(loop.ensure_attached(str(self.store.data_path(volume_id)), resolved=True),
+                          "loop")
 
     def find_attachment(self, volume_id: str) -> Attachment | None:
         self.store.read_volume(volume_id)
-        devices = loop.find(str(self.store.data_path(volume_id)))
+        devices = loop.find(str(self.store.data_path(volume_id)), resolved=True)
         return Attachment(devices[0], "loop") if devices else None
 
     def detach(self, volume_id: str) -> None:
         with contextlib.suppress(NotFound):
-            loop.ensure_detached(str(self.store.data_path(volume_id)))
+            loop.ensure_detached(str(self.store.data_path(volume_id)), resolved=True)
 
     def node_expand(self, volume_id: str, size_bytes: int) -> None:
         # In a cluster the resizer talks to a central controller that has no local files,

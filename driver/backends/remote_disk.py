@@ -6,6 +6,13 @@ file operation is a call to that server's control API (driver.storage.client).
 Node side: the volume context carries the server's NBD address, and the NBD attach layer
 (driver.attach.nbd) turns the export into a block device; the node needs no control-API
 credentials, only the data-plane PSK.
+
+Publication (ControllerPublishVolume): a volume is attached to one node at a time. The rule
+(base.check_publication) is applied by the storage server, under its per-volume lock, and the
+publication lives in the volume's record there, so it holds across controller restarts and
+replicas. The publish_context carries the server's NBD address as the server reports it at
+publish time; it overrides the one the volume_context recorded at create, so a server that
+came back under a new address is still reached.
 """
 
 import hashlib
@@ -19,7 +26,8 @@ from .. import fs, log, placement
 from ..attach.nbd import NbdTarget
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..parameters import COMMON_KEYS, check_common
-from .base import HEALTHY, Attachment, Backend, Condition, CreateRequest, Snapshot, Volume, check_known_keys
+from .base import (HEALTHY, Attachment, Backend, Condition, CreateRequest, Publication, Snapshot,
+                   Volume, check_known_keys)
 
 _log = log.get("remote-disk")
 TYPE = "remote-disk"
@@ -82,6 +90,7 @@ class ServerDirectory:
 class RemoteDiskBackend(Backend):
     types = (TYPE,)
     id_prefix = PREFIX
+    publishes = True
 
     def __init__(self, directory: ServerDirectory | None, tls_dir: str | None, attacher=None,
                  psk_identity: str = "", psk_file: str = "", client_factory=None):
@@ -211,13 +220,29 @@ class RemoteDiskBackend(Backend):
             volume_id=stored.volume_id, name=stored.name, size_bytes=stored.size_bytes,
             storage_class_type=TYPE, parameters=parameters, copies=1, topology=[],
             source_snapshot_id=stored.source_snapshot_id, source_volume_id=stored.source_volume_id,
-            context={CTX_SERVER: info.name, CTX_NBD_ADDRESS: info.nbd_address,
-                     CTX_NBD_TLS: "true" if info.nbd_tls else "false",
+            context={CTX_SERVER: info.name, **_data_plane(info),
                      CTX_SPREAD_GROUP: stored.spread_group,
-                     CTX_SPREAD: parameters.get(CTX_SPREAD, "ok")})
+                     CTX_SPREAD: parameters.get(CTX_SPREAD, "ok")},
+            publication=(Publication(stored.published_node, stored.published_readonly)
+                         if stored.published_node else None))
 
     def delete_volume(self, volume_id: str) -> None:
         self._known_client(self._parse_volume_id(volume_id)["server"]).delete_volume(volume_id)
+
+    def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
+        client = self._client(self._parse_volume_id(volume_id)["server"])
+        client.publish_volume(volume_id, node_id, readonly)
+        # Asked now, not copied from the volume_context: the address recorded at create is
+        # stale once the server has moved (a rescheduled pod gets a new IP).
+        return _data_plane(client.get_info())
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        match = VOLUME_ID.fullmatch(volume_id)
+        if match is None:
+            return  # not a remote-disk volume id: no such volume, so nothing is published
+        # A server that is unknown right now is not "nothing published": its record would keep
+        # the volume tied to this node, so the detach is retried (as a delete is).
+        self._known_client(match["server"]).unpublish_volume(volume_id, node_id)
 
     def get_volume(self, volume_id: str) -> Volume:
         server = self._parse_volume_id(volume_id)["server"]
@@ -345,6 +370,11 @@ class RemoteDiskBackend(Backend):
 
     def node_condition(self, volume_id: str) -> Condition:
         return self._require_attacher().condition(volume_id)
+
+
+def _data_plane(info) -> dict:
+    """Where a node attaches a server's volumes: the volume_context and publish_context keys."""
+    return {CTX_NBD_ADDRESS: info.nbd_address, CTX_NBD_TLS: "true" if info.nbd_tls else "false"}
 
 
 def _snapshot(stored) -> Snapshot:

@@ -48,7 +48,7 @@ class GetCapacityResponse(_message.Message):
     def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., volumes: _Optional[int] = ...) -> None: ...
 
 class StoredVolume(_message.Message):
-    __slots__ = ("volume_id", "name", "size_bytes", "parameters", "source_snapshot_id", "source_volume_id", "spread_group", "created_at", "in_use", "allocated_bytes")
+    __slots__ = ("volume_id", "name", "size_bytes", "parameters", "source_snapshot_id", "source_volume_id", "spread_group", "created_at", "in_use", "allocated_bytes", "published_node", "published_readonly")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class StoredVolume(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     IN_USE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_NODE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_READONLY_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     name: str
     size_bytes: int
@@ -76,7 +78,9 @@ class StoredVolume(_message.Message):
     created_at: float
     in_use: bool
     allocated_bytes: int
-    def __init__(self, volume_id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., spread_group: _Optional[str] = ..., created_at: _Optional[float] = ..., in_use: bool = ..., allocated_bytes: _Optional[int] = ...) -> None: ...
+    published_node: str
+    published_readonly: bool
+    def __init__(self, volume_id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., spread_group: _Optional[str] = ..., created_at: _Optional[float] = ..., in_use: bool = ..., allocated_bytes: _Optional[int] = ..., published_node: _Optional[str] = ..., published_readonly: bool = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("volume_id", "name", "size_bytes", "parameters", "source_snapshot_id", "source_volume_id", "spread_group")
@@ -182,3 +186,25 @@ class ListSnapshotsResponse(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     snapshots: _containers.RepeatedCompositeFieldContainer[StoredSnapshot]
     def __init__(self, snapshots: _Optional[_Iterable[_Union[StoredSnapshot, _Mapping]]] = ...) -> None: ...
+
+class PublishVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "node_id", "readonly")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    node_id: str
+    readonly: bool
+    def __init__(self, volume_id: _Optional[str] = ..., node_id: _Optional[str] = ..., readonly: bool = ...) -> None: ...
+
+class UnpublishVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "node_id")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    node_id: str
+    def __init__(self, volume_id: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class UnpublishVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

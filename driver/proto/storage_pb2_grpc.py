@@ -84,6 +84,16 @@ class StorageServerStub(object):
                 request_serializer=driver_dot_proto_dot_storage__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=driver_dot_proto_dot_storage__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.PublishVolume = channel.unary_unary(
+                '/polyvol.storage.v1.StorageServer/PublishVolume',
+                request_serializer=driver_dot_proto_dot_storage__pb2.PublishVolumeRequest.SerializeToString,
+                response_deserializer=driver_dot_proto_dot_storage__pb2.StoredVolume.FromString,
+                _registered_method=True)
+        self.UnpublishVolume = channel.unary_unary(
+                '/polyvol.storage.v1.StorageServer/UnpublishVolume',
+                request_serializer=driver_dot_proto_dot_storage__pb2.UnpublishVolumeRequest.SerializeToString,
+                response_deserializer=driver_dot_proto_dot_storage__pb2.UnpublishVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServerServicer(object):
@@ -111,7 +121,8 @@ class StorageServerServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def DeleteVolume(self, request, context):
-        """Succeeds when the volume is already gone.
+        """Succeeds when the volume is already gone. FAILED_PRECONDITION while a node has the
+        volume's export open or the volume is published to a node (unpublish it first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +161,26 @@ class StorageServerServicer(object):
 
     def ListSnapshots(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishVolume(self, request, context):
+        """Records node_id as the one node the volume is published to (CSI ControllerPublishVolume),
+        in the volume's own record, so every controller sees the same answer. Idempotent for the
+        same node and readonly flag; FAILED_PRECONDITION when another node has the volume,
+        ALREADY_EXISTS when this node has it with the other readonly flag, NOT_FOUND when there
+        is no such volume. (API version 2.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpublishVolume(self, request, context):
+        """Forgets the publication to node_id ("" = to whichever node has it). Succeeds when the
+        volume or the publication is gone, and when another node has the volume (that
+        publication stays). (API version 2.)
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -206,6 +237,16 @@ def add_StorageServerServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=driver_dot_proto_dot_storage__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=driver_dot_proto_dot_storage__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'PublishVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishVolume,
+                    request_deserializer=driver_dot_proto_dot_storage__pb2.PublishVolumeRequest.FromString,
+                    response_serializer=driver_dot_proto_dot_storage__pb2.StoredVolume.SerializeToString,
+            ),
+            'UnpublishVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpublishVolume,
+                    request_deserializer=driver_dot_proto_dot_storage__pb2.UnpublishVolumeRequest.FromString,
+                    response_serializer=driver_dot_proto_dot_storage__pb2.UnpublishVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +519,60 @@ class StorageServer(object):
             '/polyvol.storage.v1.StorageServer/ListSnapshots',
             driver_dot_proto_dot_storage__pb2.ListSnapshotsRequest.SerializeToString,
             driver_dot_proto_dot_storage__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyvol.storage.v1.StorageServer/PublishVolume',
+            driver_dot_proto_dot_storage__pb2.PublishVolumeRequest.SerializeToString,
+            driver_dot_proto_dot_storage__pb2.StoredVolume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpublishVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyvol.storage.v1.StorageServer/UnpublishVolume',
+            driver_dot_proto_dot_storage__pb2.UnpublishVolumeRequest.SerializeToString,
+            driver_dot_proto_dot_storage__pb2.UnpublishVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ def add_parsers(commands) -> None:
                         metavar="SECONDS",
                         help=f"after nbdkit (re)starts, refuse deletes and plain copies this long, "
                              f"while attached nodes reconnect (default {DEFAULT_RECONNECT_GRACE:g})")
+    server.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     server.set_defaults(run=_run_server)
 
@@ -71,7 +73,7 @@ def _run_server(args) -> int:
                  nbd_listen=args.nbd_listen, nbd_advertise=args.nbd_advertise,
                  tls_dir=args.tls_dir, psk_file=args.nbd_psk_file, labels=dict(args.label),
                  reserve_bytes=args.reserve, insecure_nbd=args.insecure_nbd,
-                 reconnect_grace=args.reconnect_grace)
+                 reconnect_grace=args.reconnect_grace, metrics_address=args.metrics_address)
     return 0
 
 

@@ -4,14 +4,15 @@ Every method returns the reply's proto message (lists for the List calls) and ra
 driver.errors typed errors, so a storage server's NOT_FOUND or FAILED_PRECONDITION reaches
 the CSI caller with its code and message. A server that cannot be reached (UNAVAILABLE,
 DEADLINE_EXCEEDED) raises errors.Unavailable naming its address: the controller can tell
-"this server is down" from "this request is wrong".
+"this server is down" from "this request is wrong". A server too old for a call (UNIMPLEMENTED)
+raises FailedPrecondition saying to upgrade it.
 """
 
 from pathlib import Path
 
 import grpc
 
-from ..errors import Unavailable, error_for_status
+from ..errors import FailedPrecondition, Unavailable, error_for_status
 from ..proto import storage_pb2, storage_pb2_grpc
 from . import tls
 
@@ -33,6 +34,11 @@ class StorageClient:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"storage server {self.address}: {name} failed "
                                   f"({code.name}): {details}") from None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                # Not the CSI caller's fault and not fixed by retrying: the server predates
+                # the call (e.g. PublishVolume, API version 2).
+                raise FailedPrecondition(f"storage server {self.address} does not implement "
+                                         f"{name}: upgrade polyvol on that server") from None
             raise error_for_status(code, details) from None
 
     def get_info(self) -> storage_pb2.ServerInfo:
@@ -73,6 +79,15 @@ class StorageClient:
 
     def list_snapshots(self) -> list[storage_pb2.StoredSnapshot]:
         return list(self._call("ListSnapshots", storage_pb2.ListSnapshotsRequest()).snapshots)
+
+    def publish_volume(self, volume_id: str, node_id: str,
+                       readonly: bool) -> storage_pb2.StoredVolume:
+        return self._call("PublishVolume", storage_pb2.PublishVolumeRequest(
+            volume_id=volume_id, node_id=node_id, readonly=readonly))
+
+    def unpublish_volume(self, volume_id: str, node_id: str) -> storage_pb2.UnpublishVolumeResponse:
+        return self._call("UnpublishVolume",
+                          storage_pb2.UnpublishVolumeRequest(volume_id=volume_id, node_id=node_id))
 
     def close(self) -> None:
         self._channel.close()

@@ -17,6 +17,14 @@ DeleteVolume removes the link first, so no new connection can start, then refuse
 file is still open and puts the link back. Right after nbdkit (re)starts, nodes that had
 volumes attached may not have reconnected yet, so for `reconnect_grace` seconds deletes
 and plain copies are refused with a retryable error rather than trusting an empty list.
+
+"Published" is the controller's decision that one node may attach the volume (CSI
+ControllerPublishVolume). It is kept here, in the volume's own record (`publication`:
+{node_id, readonly}; absent = not published, which is also how records written before
+publication existed read), not in the controller: the server is the one place every
+controller replica and every controller restart asks, so "one node per volume" holds
+whoever asks. A published volume is not deleted: the node it belongs to may attach it at
+any moment.
 """
 
 import contextlib
@@ -28,9 +36,10 @@ from pathlib import Path
 
 import grpc
 
-from .. import __version__, command, log, state
-from ..errors import FailedPrecondition, InvalidArgument, PolyvolError, Unavailable
-from ..filestore import FileStore
+from .. import __version__, command, log, metrics, state
+from ..backends.base import Publication, check_publication
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, PolyvolError, Unavailable
+from ..filestore import META, FileStore
 from ..locks import OperationLocks
 from ..proto import storage_pb2, storage_pb2_grpc
 from ..rpc import method, require
@@ -40,8 +49,11 @@ from . import (DEFAULT_RECONNECT_GRACE, check_server_name, server_of, snapshot_i
 from .nbdkit import Nbdkit, read_psk_identities
 
 _log = log.get("storage")
-API_VERSION = 1
+# 1: volumes, snapshots, capacity. 2: PublishVolume/UnpublishVolume and the publication in
+# StoredVolume (a version-1 server answers those calls UNIMPLEMENTED).
+API_VERSION = 2
 MAX_NAME = 256
+MAX_NODE_ID = 256  # bytes; the CSI spec's limit for a node id
 MAX_SPREAD_GROUP = 253
 
 
@@ -116,6 +128,7 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
     def DeleteVolume(self, request, context):
         volume_id = self._own_id(request.volume_id, "volume_id")
         with self._held(volume_id, operation="DeleteVolume"):
+            self._refuse_if_published(volume_id)
             try:
                 disk = os.stat(self.store.data_path(volume_id))
             except FileNotFoundError:
@@ -178,6 +191,40 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
         return storage_pb2.ListSnapshotsResponse(
             snapshots=[_snapshot(record) for record in self.store.list_snapshots()])
 
+    @method
+    def PublishVolume(self, request, context):
+        volume_id = self._own_id(request.volume_id, "volume_id")
+        _check_node_id(request.node_id, required=True)
+        # Under the volume's lock, as every other change to its record: two publishes to
+        # different nodes cannot both see "not published" and both win.
+        with self._held(volume_id, operation="PublishVolume"):
+            record = self.store.read_volume(volume_id)
+            if not check_publication(volume_id, _publication(record), request.node_id,
+                                     request.readonly):
+                record["publication"] = {"node_id": request.node_id, "readonly": request.readonly}
+                self._write_volume_record(record)
+                _log.info("volume published", volume_id=volume_id, node=request.node_id,
+                          readonly=request.readonly)
+        return self._stored(record, self._open_now())
+
+    @method
+    def UnpublishVolume(self, request, context):
+        volume_id = self._own_id(request.volume_id, "volume_id")
+        _check_node_id(request.node_id, required=False)
+        with self._held(volume_id, operation="UnpublishVolume"):
+            try:
+                record = self.store.read_volume(volume_id)
+            except NotFound:
+                return storage_pb2.UnpublishVolumeResponse()  # no volume: nothing is published
+            current = _publication(record)
+            # Another node's publication stays: this call is a detach from request.node_id
+            # (perhaps a late retry), and must not free the volume for a third node.
+            if current is not None and request.node_id in ("", current.node_id):
+                del record["publication"]
+                self._write_volume_record(record)
+                _log.info("volume unpublished", volume_id=volume_id, node=current.node_id)
+        return storage_pb2.UnpublishVolumeResponse()
+
     # --- checks ---
     def _own_id(self, value: str, field: str, snapshot: bool = False) -> str:
         """`value` if it is a well-formed id of this server; nothing else becomes a path."""
@@ -200,6 +247,17 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
                 if key:
                     stack.enter_context(self.locks.hold(key, operation))
             yield
+
+    def _refuse_if_published(self, volume_id: str) -> None:
+        try:
+            current = _publication(self.store.read_volume(volume_id))
+        except NotFound:
+            return  # never finished, or gone already
+        if current is not None:
+            raise FailedPrecondition(
+                f"volume {volume_id} is published to node {current.node_id}: unpublish it first "
+                f"(ControllerUnpublishVolume; Kubernetes detaches it once no pod on "
+                f"{current.node_id} uses it)")
 
     def _refuse_if_attached(self, volume_id: str, disk: os.stat_result, what: str) -> None:
         running_for = self.nbdkit.ready_for()
@@ -236,6 +294,10 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             raise CopyRefused(f"volume {volume_id} was written while it was being copied (a node "
                               f"attached it meanwhile); the copy was discarded, retry when it is "
                               f"detached")
+
+    def _write_volume_record(self, record: dict) -> None:
+        """Rewrite a ready volume's record (the caller holds the volume's lock)."""
+        state.write_atomic(self.store.volume_dir(record["volume_id"]) / META, record)
 
     # --- exports ---
     def _export(self, volume_id: str) -> None:
@@ -282,12 +344,24 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             in_use = (st.st_dev, st.st_ino) in open_now
         except FileNotFoundError:
             in_use = False
+        publication = _publication(record)
         return storage_pb2.StoredVolume(
             volume_id=volume_id, name=record["name"], size_bytes=record["size_bytes"],
             parameters=record["parameters"], source_snapshot_id=record["source_snapshot_id"],
             source_volume_id=record["source_volume_id"], spread_group=record["spread_group"],
             created_at=record["created_at"], in_use=in_use,
-            allocated_bytes=self.store.allocated_bytes(volume_id))
+            allocated_bytes=self.store.allocated_bytes(volume_id),
+            published_node=publication.node_id if publication else "",
+            published_readonly=publication.readonly if publication else False)
+
+
+def _publication(record: dict) -> Publication | None:
+    """The node a volume record is published to; None when it is not (records written before
+    publication existed have no such key and read as not published)."""
+    published = record.get("publication")
+    if not published:
+        return None
+    return Publication(published["node_id"], bool(published["readonly"]))
 
 
 def _snapshot(record: dict) -> storage_pb2.StoredSnapshot:
@@ -301,6 +375,14 @@ def _check_name(name: str) -> None:
     require(name, "name")
     if len(name) > MAX_NAME:
         raise InvalidArgument(f"name is longer than {MAX_NAME} characters")
+
+
+def _check_node_id(node_id: str, required: bool) -> None:
+    if required and not node_id:
+        raise InvalidArgument("node_id is required: the CSI node id of the node the volume is "
+                              "published to (NodeGetInfo's node_id; in Kubernetes the node name)")
+    if len(node_id.encode()) > MAX_NODE_ID:
+        raise InvalidArgument(f"node_id is longer than {MAX_NODE_ID} bytes (the CSI limit)")
 
 
 def _check_size(size_bytes: int) -> None:
@@ -351,9 +433,41 @@ def _nbd_psk(psk_file: str, insecure_nbd: bool, nbd_listen: str) -> str | None:
     return os.path.abspath(psk_file)
 
 
+def register_metrics(servicer: StorageServicer) -> None:
+    """The server's numbers for Prometheus, read from the store and nbdkit at each scrape."""
+    store, nbdkit = servicer.store, servicer.nbdkit
+
+    def volumes():
+        records = store.list_volumes()
+        open_now = servicer._open_now()
+        stored = [servicer._stored(r, open_now) for r in records]
+        yield ("all",), len(stored)
+        yield ("published",), sum(1 for v in stored if v.published_node)
+        yield ("attached",), sum(1 for v in stored if v.in_use)
+
+    def space():
+        yield ("total",), store.total_bytes()
+        yield ("available",), store.available_bytes()
+        yield ("allocated",), sum(store.allocated_bytes(r["volume_id"]) for r in store.list_volumes())
+
+    def data_plane():
+        yield ("up",), 1 if nbdkit.ready_for() is not None else 0
+        yield ("restarts",), nbdkit.restarts
+
+    metrics.register_gauges("polyvol_storage_volumes", "Volumes on this storage server: all, "
+                            "published to a node, attached (a node has the export open)",
+                            ["state"], volumes)
+    metrics.register_gauges("polyvol_storage_bytes", "Space of the data directory: total, "
+                            "available to new volumes (after what sparse volumes may still "
+                            "claim), allocated by volume data", ["kind"], space)
+    metrics.register_gauges("polyvol_storage_nbdkit", "The NBD data plane: up (1/0) and restarts "
+                            "since the server started", ["what"], data_plane)
+
+
 def serve(*, name: str, data_dir: str, listen: str, nbd_listen: str, nbd_advertise: str,
           tls_dir: str, psk_file: str, labels: dict, reserve_bytes: int, insecure_nbd: bool,
-          reconnect_grace: float = DEFAULT_RECONNECT_GRACE, workers: int = 8) -> None:
+          reconnect_grace: float = DEFAULT_RECONNECT_GRACE, metrics_address: str = "",
+          workers: int = 8) -> None:
     check_server_name(name)
     parse_address(listen, "--listen")
     nbd_host, nbd_port = parse_address(nbd_listen, "--nbd-listen")
@@ -377,6 +491,8 @@ def serve(*, name: str, data_dir: str, listen: str, nbd_listen: str, nbd_adverti
                                nbd_address=nbd_advertise or nbd_listen,
                                reflink=reflink_supported(root), reconnect_grace=reconnect_grace)
     servicer.reconcile_exports()
+    register_metrics(servicer)
+    metrics.serve(metrics_address, "storage-server")
 
     stopping = termination_event()
     nbdkit.start()
