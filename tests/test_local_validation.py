@@ -748,10 +748,11 @@ def test_rpc_lines_split_command_kernel_and_own_time(plugin):
         assert entry["ms"] + 0.1 >= entry["command_ms"] + entry["kernel_ms"], entry
         assert entry["cpu_ms"] >= 0 and entry["runq_ms"] >= 0  # the plugin logs at debug
     assert rpcs["NodeStageVolume"]["kernel_ms"] > 0 and rpcs["NodeStageVolume"]["command_ms"] > 0
-    assert rpcs["NodeUnstageVolume"]["command_ms"] > 0  # umount, losetup --detach
+    assert rpcs["NodeUnstageVolume"]["command_ms"] > 0  # umount
+    assert rpcs["NodeUnstageVolume"]["kernel_ms"] > 0  # LOOP_CLR_FD
     assert rpcs["DeleteVolume"]["kernel_ms"] > 0 and rpcs["DeleteVolume"]["command_ms"] == 0
     calls = [e["call"] for e in lines if e.get("event") == "kernel"]
-    for call in ("create data file", "LOOP_CONFIGURE", "unlink data file"):
+    for call in ("create data file", "LOOP_CONFIGURE", "LOOP_CLR_FD", "unlink data file"):
         assert calls.count(call) == 1, (call, calls)
     configured = next(e for e in lines if e.get("event") == "kernel" and e["call"] == "LOOP_CONFIGURE")
     assert configured["device"].startswith("/dev/loop") and configured["attempts"] >= 1

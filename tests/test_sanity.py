@@ -171,29 +171,29 @@ def ceph_parameters(class_type: str) -> dict:
 
 CASES = [
     Case("local-ephemeral-ext4", parameters=None, size=64 * MiB,
-         must_run=("losetup", "mkfs.ext4"), must_not_run=("mkfs.xfs",),
+         must_run=("LOOP_CONFIGURE", "mkfs.ext4"), must_not_run=("mkfs.xfs",),
          plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
     # mkfs.xfs refuses filesystems under 300 MiB.
     Case("local-ephemeral-xfs", parameters={"type": "local-ephemeral", "fsType": "xfs"},
-         size=300 * MiB, must_run=("losetup", "mkfs.xfs"), must_not_run=("mkfs.ext4",),
+         size=300 * MiB, must_run=("LOOP_CONFIGURE", "mkfs.xfs"), must_not_run=("mkfs.ext4",),
          plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
     Case("local-ephemeral-block", parameters={"type": "local-ephemeral"}, size=64 * MiB,
-         access_type="block", must_run=("losetup",), must_not_run=("mkfs.ext4", "mkfs.xfs"),
+         access_type="block", must_run=("LOOP_CONFIGURE",), must_not_run=("mkfs.ext4", "mkfs.xfs"),
          plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
     # Through the user-space attach (qemu-storage-daemon TLS-PSK client -> nbdfuse -> loop),
     # the path CI can test: the machine has no nbd kernel module.
     Case("remote-disk-ext4", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
-         size=64 * MiB, must_run=("losetup", "mkfs.ext4", "nbdfuse"), services=remote_disk_cluster,
+         size=64 * MiB, must_run=("LOOP_CONFIGURE", "mkfs.ext4", "nbdfuse"), services=remote_disk_cluster,
          extra_allowed_skips=NETWORK_SKIPS),
     Case("remote-disk-block", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},
-         size=64 * MiB, access_type="block", must_run=("losetup", "nbdfuse"),
+         size=64 * MiB, access_type="block", must_run=("LOOP_CONFIGURE", "nbdfuse"),
          must_not_run=("mkfs.ext4", "mkfs.xfs"), services=remote_disk_cluster,
          extra_allowed_skips=NETWORK_SKIPS),
     # Ceph RBD through the user-space attach (qemu-storage-daemon with librbd -> NBD on a unix
     # socket -> nbdfuse -> loop): the machine has no rbd kernel module.
     *(Case(f"{class_type}-{access}", parameters=ceph_parameters(class_type), size=64 * MiB,
            access_type=access,
-           must_run=("losetup", "nbdfuse", "qemu-storage-daemon")
+           must_run=("LOOP_CONFIGURE", "nbdfuse", "qemu-storage-daemon")
            + (("mkfs.ext4",) if access == "mount" else ()),
            must_not_run=("mkfs.xfs",) + (("mkfs.ext4",) if access == "block" else ()),
            services=ceph_services, fixtures=("ceph_cluster",), extra_allowed_skips=NETWORK_SKIPS)
@@ -279,11 +279,14 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def commands_run(plugin: Plugin) -> Counter:
-    """Programs the plugin ran: short commands, and long-running attach helpers (nbdfuse, ...)."""
+    """Programs the plugin ran: short commands, long-running attach helpers (nbdfuse, ...),
+    and the kernel calls it makes in-process instead of a program (LOOP_CONFIGURE, ...)."""
     counted = Counter()
     for entry in plugin.log_lines():
         if entry.get("event") == "command" and entry.get("argv"):
             counted[Path(str(entry["argv"][0])).name] += 1
+        elif entry.get("event") == "kernel" and entry.get("call"):
+            counted[entry["call"]] += 1
         elif entry.get("event") == "nbd helper started":
             counted[entry.get("what", "")] += 1
     return counted

@@ -8,9 +8,9 @@ sets the file, direct I/O and the size in one step). `losetup --find` does the s
 when another attach takes its device first, sleeps 200 ms and retries while holding that
 device open, which defers a concurrent detach of it; with 16 attaches at once that cost
 more than everything else in a stage. Here a lost race is just an EBUSY and another try.
-Growing is one ioctl too (LOOP_SET_CAPACITY, as `losetup --set-capacity`). The time spent in
-these ioctls is the kernel's work on the volume and is accounted as such (`command.kernel`),
-like the time of the losetup they replace. Detaching still runs `losetup --detach`.
+Growing and detaching are one ioctl each too (LOOP_SET_CAPACITY and LOOP_CLR_FD, as
+`losetup --set-capacity` and `--detach`). The time spent in these ioctls is the kernel's work
+on the volume and is accounted as such (`command.kernel`), like the losetup they replace.
 """
 
 import errno
@@ -25,6 +25,7 @@ from .. import command, log
 _log = log.get("loop")
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_SET_CAPACITY = 0x4C07
+LOOP_CLR_FD = 0x4C01
 LOOP_CONFIGURE = 0x4C0A  # Linux 5.8+
 LO_FLAGS_DIRECT_IO = 16
 # struct loop_info64, then struct loop_config {u32 fd; u32 block_size; loop_info64; u64[8]}
@@ -136,8 +137,22 @@ def _configure(path: str) -> str:
 
 def ensure_detached(backing_file: str, resolved: bool = False) -> None:
     for device in find(backing_file, resolved):
-        # A device still mounted somewhere is only marked autoclear; it goes when the last user does.
-        command.run(["losetup", "--detach", device], ok_codes=(0, 1))
+        with command.kernel("LOOP_CLR_FD", device=device) as logged:
+            try:
+                fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                logged.update(outcome="gone")
+                continue
+            try:
+                # A device still open elsewhere (mounted) is only marked autoclear: the kernel
+                # detaches it when its last user closes it.
+                fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+            except OSError as error:
+                if error.errno not in (errno.ENXIO, errno.EBUSY):  # ENXIO: detached already
+                    raise
+                logged.update(outcome=errno.errorcode[error.errno])
+            finally:
+                os.close(fd)
 
 
 def refresh_size(device: str) -> None:
