@@ -156,6 +156,12 @@ class FileStore:
     def list_volumes(self) -> list[dict]:
         return self._list(self.volumes_dir)
 
+    def update_volume(self, record: dict) -> None:
+        """Rewrite a ready volume's record after the caller changed fields it owns (such as
+        its publication); the caller holds the volume's lock."""
+        self.read_volume(record["volume_id"])  # NotFound rather than resurrect a deleted one
+        state.write_atomic(self.volume_dir(record["volume_id"]) / META, record)
+
     def expand_volume(self, volume_id: str, size_bytes: int) -> dict:
         record = self.read_volume(volume_id)
         if size_bytes > record["size_bytes"]:

@@ -39,7 +39,7 @@ import grpc
 from .. import __version__, command, log, metrics, state
 from ..backends.base import Publication, check_publication
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, PolyvolError, Unavailable
-from ..filestore import META, FileStore
+from ..filestore import FileStore
 from ..locks import OperationLocks
 from ..proto import storage_pb2, storage_pb2_grpc
 from ..rpc import method, require
@@ -202,7 +202,7 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             if not check_publication(volume_id, _publication(record), request.node_id,
                                      request.readonly):
                 record["publication"] = {"node_id": request.node_id, "readonly": request.readonly}
-                self._write_volume_record(record)
+                self.store.update_volume(record)
                 _log.info("volume published", volume_id=volume_id, node=request.node_id,
                           readonly=request.readonly)
         return self._stored(record, self._open_now())
@@ -221,7 +221,7 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             # (perhaps a late retry), and must not free the volume for a third node.
             if current is not None and request.node_id in ("", current.node_id):
                 del record["publication"]
-                self._write_volume_record(record)
+                self.store.update_volume(record)
                 _log.info("volume unpublished", volume_id=volume_id, node=current.node_id)
         return storage_pb2.UnpublishVolumeResponse()
 
@@ -294,10 +294,6 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             raise CopyRefused(f"volume {volume_id} was written while it was being copied (a node "
                               f"attached it meanwhile); the copy was discarded, retry when it is "
                               f"detached")
-
-    def _write_volume_record(self, record: dict) -> None:
-        """Rewrite a ready volume's record (the caller holds the volume's lock)."""
-        state.write_atomic(self.store.volume_dir(record["volume_id"]) / META, record)
 
     # --- exports ---
     def _export(self, volume_id: str) -> None:
