@@ -7,10 +7,9 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 from . import fs
 from .backends import Registry
 from .backends.base import CreateRequest, Volume, choose_size
-from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import Aborted, InvalidArgument, NotFound, Unavailable
 from .locks import OperationLocks
-from .parameters import (APP_REPLICAS, CTX_COPIES, CTX_READONLY, CTX_TYPE, FS_TYPE,
-                         TOPOLOGY_NODE_KEY, TYPE)
+from .parameters import APP_REPLICAS, CTX_COPIES, CTX_READONLY, CTX_TYPE, FS_TYPE, TYPE
 from .proto import csi_pb2, csi_pb2_grpc
 from .rpc import (check_capabilities, check_capability, content_source, is_block, is_readonly_mode,
                   method, page, require)
@@ -139,12 +138,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backend = self.registry.for_id(request.volume_id)
         readonly = request.readonly or is_readonly_mode(request.volume_capability)
         with self.locks.hold(request.volume_id, "ControllerPublishVolume"):
-            volume = backend.get_volume(request.volume_id)
+            backend.get_volume(request.volume_id)  # NOT_FOUND first, as the spec orders it
             self.nodes.check(request.node_id)
-            if not backend.publishes:
-                # A node-local volume is not attached from here: it lives on its node already.
-                _check_local_node(volume, request.node_id)
-                return csi_pb2.ControllerPublishVolumeResponse()
             publish_context = backend.publish(request.volume_id, request.node_id, readonly)
         return csi_pb2.ControllerPublishVolumeResponse(
             publish_context={**publish_context, CTX_READONLY: "true" if readonly else "false"})
@@ -156,9 +151,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             backend = self.registry.for_id(request.volume_id)
         except NotFound:
             return csi_pb2.ControllerUnpublishVolumeResponse()
-        if backend.publishes:
-            with self.locks.hold(request.volume_id, "ControllerUnpublishVolume"):
-                backend.unpublish(request.volume_id, request.node_id)
+        with self.locks.hold(request.volume_id, "ControllerUnpublishVolume"):
+            backend.unpublish(request.volume_id, request.node_id)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     @method
@@ -288,15 +282,6 @@ def _snapshot_message(snapshot) -> csi_pb2.Snapshot:
 
 def _published_nodes(volume: Volume) -> list[str]:
     return [volume.publication.node_id] if volume.publication else []
-
-
-def _check_local_node(volume: Volume, node_id: str) -> None:
-    """A node-local volume can only be used on the node that holds it."""
-    holders = {segment[TOPOLOGY_NODE_KEY] for segment in volume.topology
-               if TOPOLOGY_NODE_KEY in segment}
-    if holders and node_id not in holders:
-        raise FailedPrecondition(f"volume {volume.volume_id} lives on node {', '.join(sorted(holders))} "
-                                 f"and cannot be used on {node_id}")
 
 
 def _condition_message(condition) -> csi_pb2.VolumeCondition:

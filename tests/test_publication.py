@@ -104,7 +104,7 @@ def test_local_class_advertises_no_publish_and_needs_none(local_plugin):
     volume = local_plugin.create("pub-local")
     answer = local_plugin.controller.ControllerPublishVolume(
         publish_request(volume.volume_id, local_plugin.node_id, capability()))
-    assert dict(answer.publish_context) == {}
+    assert dict(answer.publish_context) == {"polyvol.csi.io/readonly": "false"}
     # a known node that does not hold the volume cannot use it
     expect(Code.FAILED_PRECONDITION, local_plugin.controller.ControllerPublishVolume,
            publish_request(volume.volume_id, "other-node", capability()),
@@ -112,6 +112,49 @@ def test_local_class_advertises_no_publish_and_needs_none(local_plugin):
     local_plugin.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
         volume_id=volume.volume_id, node_id=local_plugin.node_id))
     local_plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+@pytest.mark.root
+def test_a_plugin_serving_local_and_network_classes_publishes_local_volumes_too(workdir):
+    """Such a plugin advertises publishing (for its network classes), so a CO publishes its
+    local volumes as well: the same rules apply, recorded in the volume's record."""
+    plugin = Plugin(workdir, extra_args=["--nodes", "other-node"])  # every backend
+    plugin.start()
+    try:
+        caps = {c.rpc.type for c in plugin.controller.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest()).capabilities}
+        assert {Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY} <= caps
+        volume = plugin.create("pub-combined")
+        publish = plugin.controller.ControllerPublishVolume
+        answer = publish(publish_request(volume.volume_id, plugin.node_id, capability()))
+        assert dict(answer.publish_context) == {"polyvol.csi.io/readonly": "false"}
+        publish(publish_request(volume.volume_id, plugin.node_id, capability()))  # idempotent
+        expect(Code.ALREADY_EXISTS, publish,
+               publish_request(volume.volume_id, plugin.node_id, capability(), readonly=True),
+               mentions=("read-write",))
+        expect(Code.FAILED_PRECONDITION, publish,
+               publish_request(volume.volume_id, "other-node", capability()), mentions=("other-node",))
+        got = plugin.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
+        assert list(got.status.published_node_ids) == [plugin.node_id]
+        plugin.restart()  # kept in the volume's record
+        unpublish = plugin.controller.ControllerUnpublishVolume
+        unpublish(csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id,
+                                                           node_id="other-node"))
+        got = plugin.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
+        assert list(got.status.published_node_ids) == [plugin.node_id]
+        unpublish(csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id,
+                                                           node_id=plugin.node_id))
+        got = plugin.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
+        assert list(got.status.published_node_ids) == []
+        plugin.controller.ControllerPublishVolume(
+            publish_request(volume.volume_id, plugin.node_id, capability(), readonly=True))
+        plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    finally:
+        plugin.stop()
+        clean_up_below(workdir)
 
 
 @pytest.mark.root

@@ -92,7 +92,8 @@ LOCAL_SKIPS = {
 }
 # As deployed: the local driver's plugin serves only local-ephemeral (see deploy/).
 LOCAL_PLUGIN = ("--types", "local-ephemeral")
-# Skips of the network classes only (they advertise PUBLISH_UNPUBLISH_VOLUME).
+# Skips of the cases whose plugin advertises PUBLISH_UNPUBLISH_VOLUME: the network classes, and
+# a plugin serving every class (the single-machine setup of scripts/run-plugin.sh).
 NETWORK_SKIPS = {
     "testnodevolumeattachlimit not enabled":
         "this spec creates MaxVolumesPerNode (256) volumes and runs only with "
@@ -180,6 +181,10 @@ CASES = [
     Case("local-ephemeral-block", parameters={"type": "local-ephemeral"}, size=64 * MiB,
          access_type="block", must_run=("LOOP_CONFIGURE",), must_not_run=("mkfs.ext4", "mkfs.xfs"),
          plugin_args=LOCAL_PLUGIN, extra_allowed_skips=LOCAL_SKIPS),
+    # One plugin serving every class, as scripts/run-plugin.sh runs it: it advertises
+    # publishing for its network classes, so local volumes go through ControllerPublish too.
+    Case("local-ephemeral-all-types", parameters=None, size=64 * MiB,
+         must_run=("LOOP_CONFIGURE", "mkfs.ext4"), extra_allowed_skips=NETWORK_SKIPS),
     # Through the user-space attach (qemu-storage-daemon TLS-PSK client -> nbdfuse -> loop),
     # the path CI can test: the machine has no nbd kernel module.
     Case("remote-disk-ext4", parameters={"type": "remote-disk", "spreadPolicy": "preferred"},

@@ -38,6 +38,18 @@ class Publication:
     node_id: str
     readonly: bool
 
+    @classmethod
+    def in_record(cls, record: dict) -> "Publication | None":
+        """The publication kept in a FileStore volume record (key `publication`); None when it
+        is not published (records written before publication existed have no such key)."""
+        published = record.get("publication")
+        if not published:
+            return None
+        return cls(published["node_id"], bool(published["readonly"]))
+
+    def as_record(self) -> dict:
+        return {"node_id": self.node_id, "readonly": self.readonly}
+
 
 def check_publication(volume_id: str, current: Publication | None, node_id: str,
                       readonly: bool) -> bool:
@@ -157,20 +169,21 @@ class Backend(abc.ABC):
     def list_snapshots(self) -> list[Snapshot]:
         """Every snapshot, ids sorted."""
 
-    # Network volumes are published (ControllerPublishVolume) to one node before a node
-    # attaches them; node-local volumes are not, they already live on their node.
-    #: whether this backend's volumes go through ControllerPublish/Unpublish
+    # Network volumes must be published (ControllerPublishVolume) to one node before a node
+    # attaches them; node-local volumes need not, they already live on their node (but a
+    # plugin serving both kinds advertises publishing, so they implement it too).
+    #: whether this backend's volumes need ControllerPublish (PUBLISH_UNPUBLISH_VOLUME)
     publishes: bool = False
 
+    @abc.abstractmethod
     def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
         """Record `node_id` as the volume's one node (see check_publication) and return the
         publish_context the node needs to attach it. Idempotent. NotFound for no volume."""
-        raise NotImplementedError(f"{type(self).__name__} does not publish volumes")
 
+    @abc.abstractmethod
     def unpublish(self, volume_id: str, node_id: str) -> None:
         """Forget the publication to `node_id` ("": to any node). Succeed when the volume or
         the publication is gone, or the volume is published to another node."""
-        raise NotImplementedError(f"{type(self).__name__} does not publish volumes")
 
     @abc.abstractmethod
     def condition(self, volume_id: str) -> Condition:

@@ -14,7 +14,8 @@ from ..attach import loop
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..filestore import FileStore
 from ..parameters import COMMON_KEYS, TOPOLOGY_NODE_KEY, check_common
-from .base import HEALTHY, Attachment, Backend, Condition, CreateRequest, Snapshot, Volume, check_known_keys
+from .base import (HEALTHY, Attachment, Backend, Condition, CreateRequest, Publication, Snapshot,
+                   Volume, check_known_keys, check_publication)
 
 _log = log.get("local")
 TYPE = "local-ephemeral"
@@ -102,10 +103,34 @@ class LocalBackend(Backend):
             storage_class_type=TYPE, parameters=record["parameters"], copies=1,
             topology=[{TOPOLOGY_NODE_KEY: record["node_id"]}],
             source_snapshot_id=record["source_snapshot_id"],
-            source_volume_id=record["source_volume_id"])
+            source_volume_id=record["source_volume_id"],
+            publication=Publication.in_record(record))
 
     def get_volume(self, volume_id: str) -> Volume:
         return self._volume(self.store.read_volume(volume_id))
+
+    def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
+        """Not needed by the local driver (it does not advertise publishing), but a plugin
+        serving local and network classes does, and then a local volume follows the same
+        rules: only on its own node, once, with one readonly flag."""
+        record = self.store.read_volume(volume_id)
+        if node_id != record["node_id"]:
+            raise FailedPrecondition(f"volume {volume_id} lives on node {record['node_id']} and "
+                                     f"cannot be used on {node_id}")
+        if not check_publication(volume_id, Publication.in_record(record), node_id, readonly):
+            record["publication"] = Publication(node_id, readonly).as_record()
+            self.store.update_volume(record)
+        return {}
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        try:
+            record = self.store.read_volume(volume_id)
+        except NotFound:
+            return
+        current = Publication.in_record(record)
+        if current is not None and node_id in ("", current.node_id):
+            del record["publication"]
+            self.store.update_volume(record)
 
     def lookup_name(self, name: str) -> Volume | None:
         try:
