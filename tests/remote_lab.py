@@ -8,10 +8,15 @@ control API and TLS-PSK for the NBD data plane.
         cluster.stop_server("srv2"); cluster.start_server("srv2")
         cluster.start_server("srv2", nbd_port=10810)  # its data plane moved: nodes must follow
 
+    with RemoteCluster(workdir, servers=1, extra_nodes=["nodeb"]) as cluster:
+        other = Plugin(workdir / "nodeb", extra_args=[*cluster.plugin_args, "--role", "node"],
+                       node_id="node-b", argv_prefix=cluster.prefix("nodeb"))
+
 The CSI plugin (controller + node) runs in the "node" namespace (network namespace only:
 its mounts and loop devices are the machine's, as on a real node), so every connection to
 a storage server comes from inside a namespace. Tests talk to the plugin over its unix
-socket, which is a file, not a network address.
+socket, which is a file, not a network address. `extra_nodes` are more worker-node namespaces,
+for tests with a second node plugin (a volume moving from one node to another).
 """
 
 import json
@@ -37,7 +42,7 @@ def polyvol(*args: str) -> None:
 
 class RemoteCluster:
     def __init__(self, workdir: Path, servers: int = 3, reconnect_grace: int = 0,
-                 insecure_nbd=()):
+                 insecure_nbd=(), extra_nodes=()):
         self.workdir = Path(workdir)
         # Servers (by name) started with --insecure-nbd: NBD without TLS, the explicit opt-out
         # for a trusted storage network. Their volume context says nbd-tls=false, and the
@@ -49,7 +54,9 @@ class RemoteCluster:
         self.names = [f"srv{i}" for i in range(1, servers + 1)]
         if not self.insecure_nbd <= set(self.names):
             raise ValueError(f"insecure_nbd names unknown servers: {sorted(self.insecure_nbd)}")
-        self.lab = NetLab(["node", *self.names])
+        self.extra_nodes = list(extra_nodes)
+        # Extra nodes come last, so the servers keep their addresses whatever is added.
+        self.lab = NetLab(["node", *self.names, *self.extra_nodes])
         self.tls_dir = self.workdir / "tls"
         self.psk_file = self.workdir / "nbd.psk"
         self.servers_file = self.workdir / "storage-servers.json"
@@ -124,6 +131,13 @@ class RemoteCluster:
     @property
     def node_prefix(self) -> list[str]:
         return self.lab.prefix("node")
+
+    def prefix(self, node: str) -> list[str]:
+        """The argv prefix that runs a command in a worker node's namespace ("node" or one of
+        `extra_nodes`)."""
+        if node != "node" and node not in self.extra_nodes:
+            raise KeyError(f"no worker node {node!r} in this cluster")
+        return self.lab.prefix(node)
 
     @property
     def plugin_args(self) -> list[str]:

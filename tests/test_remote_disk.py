@@ -4,13 +4,17 @@ nbdfuse/loop on the data path.
 
 Spread groups, a server outage seen as VOLUME_CONDITION, data integrity under parallel writes,
 a storage-server crash and restart under fsync'd writes, ids crafted to reach another
-server, and ControllerPublish: one node per volume, kept on the storage server, and a
-publish_context that follows a server whose NBD address changed.
+server, and ControllerPublish: one node per volume, kept on the storage server, a
+publish_context that follows a server whose NBD address changed, and the fence: a volume
+moved off a node that is still connected (lost to Kubernetes, not dead) is out of its reach.
 """
 
+import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ import grpc
 import pytest
 
 from conftest import MiB, Plugin, capability
+from driver.attach.nbd import RECONNECT_DELAY
 from driver.proto import csi_pb2
 from remote_lab import NBD_PORT, RemoteCluster
 
@@ -28,13 +33,16 @@ pytestmark = pytest.mark.root
 NODE_A, NODE_B = "node-a", "node-b"
 CTX_NBD_ADDRESS = "polyvol.csi.io/nbd-address"
 CTX_NBD_TLS = "polyvol.csi.io/nbd-tls"
+CTX_NBD_EXPORT = "polyvol.csi.io/nbd-export"
 CTX_READONLY = "polyvol.csi.io/readonly"
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("remote")
-    with RemoteCluster(workdir, servers=3) as running:
+    # "nodeb": a second worker node, for a node plugin of its own (NODE_B) when a test moves
+    # a volume from one node to another.
+    with RemoteCluster(workdir, servers=3, extra_nodes=["nodeb"]) as running:
         plugin = Plugin(workdir, extra_args=[*running.plugin_args, "--nodes", f"{NODE_A},{NODE_B}"],
                         argv_prefix=running.node_prefix)
         plugin.start()
@@ -167,27 +175,7 @@ def test_fsynced_data_survives_a_storage_server_crash_and_restart(cluster):
     volume = create(plugin, "pv-crash", policy="preferred", size=64 * MiB)
     server = server_of(volume)
     target = plugin.stage_and_publish(volume, "crash")
-    path = Path(target, "log")
-    records, errors = [], []
-    stop = threading.Event()
-
-    def writer():
-        with open(path, "ab", buffering=0) as out:
-            for number in range(100_000):
-                if stop.is_set():
-                    return
-                record = f"record {number:08d}\n".encode() * 64
-                try:
-                    out.write(record)
-                    os.fsync(out.fileno())
-                except OSError as error:
-                    errors.append(error)
-                    return
-                records.append(record)
-                time.sleep(0.05)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
+    writer = FsyncWriter(Path(target, "log"))
     try:
         time.sleep(2)
         cluster.stop_server(server, sig=signal.SIGKILL)
@@ -195,8 +183,8 @@ def test_fsynced_data_survives_a_storage_server_crash_and_restart(cluster):
         cluster.start_server(server)
         time.sleep(4)
     finally:
-        stop.set()
-        thread.join(timeout=120)
+        writer.finish()
+    records, errors = writer.records, writer.errors
     assert not errors, f"the writer saw {errors}"
     before = len(records)
     assert before > 60, f"only {before} records were written: writes did not resume"
@@ -306,7 +294,8 @@ def test_a_volume_is_published_to_one_node_and_that_outlives_a_plugin_restart(cl
 
         context = publish(plugin, volume.volume_id, NODE_A, volume_context=volume.volume_context)
         assert context == {CTX_NBD_ADDRESS: volume.volume_context[CTX_NBD_ADDRESS],
-                           CTX_NBD_TLS: "true", CTX_READONLY: "false"}
+                           CTX_NBD_TLS: "true", CTX_READONLY: "false",
+                           CTX_NBD_EXPORT: volume.volume_id}  # the first publication: its id
         # The external-attacher retries: the same node again is the same answer.
         assert publish(plugin, volume.volume_id, NODE_A) == context
         assert published_nodes(plugin, volume) == ([NODE_A], [[NODE_A]])
@@ -334,7 +323,10 @@ def test_a_volume_is_published_to_one_node_and_that_outlives_a_plugin_restart(cl
         unpublish(plugin, volume.volume_id, NODE_A)  # already detached: still OK
         assert published_nodes(plugin, volume) == ([], [[]])
         context_b = publish(plugin, volume.volume_id, NODE_B, readonly=True)
-        assert context_b == {**context, CTX_READONLY: "true"}
+        # Another node than before: the volume is exported under a new name (the fence).
+        assert re.fullmatch(re.escape(volume.volume_id) + r"\.[0-9a-f]{8}", context_b[CTX_NBD_EXPORT])
+        assert context_b == {**context, CTX_READONLY: "true",
+                             CTX_NBD_EXPORT: context_b[CTX_NBD_EXPORT]}
         assert published_nodes(plugin, volume) == ([NODE_B], [[NODE_B]])
         unpublish(plugin, volume.volume_id, NODE_B)
     finally:
@@ -416,3 +408,202 @@ def test_node_stage_follows_a_server_whose_nbd_address_changed(cluster):
         cluster.stop_server(server)
         cluster.start_server(server)
     delete(plugin, volume)
+
+
+# --- the fence: a volume moved off a node that still has it ---
+
+def stage_with(plugin, volume, name, publish_context) -> str:
+    """NodeStage + NodePublish with the publish_context ControllerPublish returned."""
+    staging, target = plugin.path(name, "staging"), plugin.path(name, "target")
+    os.makedirs(staging, exist_ok=True)
+    plugin.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume.volume_id, staging_target_path=staging, volume_capability=capability(),
+        volume_context=volume.volume_context, publish_context=publish_context), timeout=120)
+    plugin.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume.volume_id, staging_target_path=staging, target_path=target,
+        volume_capability=capability(), volume_context=volume.volume_context,
+        publish_context=publish_context), timeout=120)
+    return target
+
+
+class FsyncWriter:
+    """Appends a record and fsyncs it every 50 ms in a thread; keeps what was made durable,
+    the errors, and when each fsync returned (the longest gap is the longest stall)."""
+
+    def __init__(self, path: Path):
+        self.path, self.records, self.errors, self.done_at = path, [], [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        with open(self.path, "ab", buffering=0) as out:
+            for number in range(1_000_000):
+                if self.stop.is_set():
+                    return
+                record = f"record {number:08d}\n".encode() * 64
+                try:
+                    out.write(record)
+                    os.fsync(out.fileno())
+                except OSError as error:
+                    self.errors.append(error)
+                    return
+                self.records.append(record)
+                self.done_at.append(time.monotonic())
+                time.sleep(0.05)
+
+    def finish(self) -> float:
+        """Stop; return the longest time between two fsyncs, in seconds."""
+        self.stop.set()
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive(), "the writer hangs"
+        return max(b - a for a, b in zip(self.done_at, self.done_at[1:]))
+
+
+def test_a_volume_moved_off_a_node_that_still_has_it_is_fenced(cluster):
+    """Node A stages a volume and writes; Kubernetes then moves the volume to node B while A
+    still has it (A is lost to the control plane, not dead): ControllerUnpublish(A),
+    ControllerPublish(B). B stages it under the new export name and reads A's data; whatever A
+    writes after the move never reaches the server. The server's other volumes, attached on
+    A and on B, keep working through the nbdkit restart without an I/O error."""
+    plugin = cluster.plugin  # node A: NodeStage as plugin.node_id
+    node_a = plugin.node_id
+    node_b = Plugin(cluster.workdir / "nodeb", node_id=NODE_B, argv_prefix=cluster.prefix("nodeb"),
+                    extra_args=[*cluster.plugin_args, "--role", "node"])
+    node_b.start()
+    volume = create(plugin, "pv-fence", policy="preferred")
+    server = server_of(volume)
+    disk = cluster.data_dir(server) / "volumes" / volume.volume_id / "disk.img"
+    # Bystanders on the same server (clones are made next to their source), one per node.
+    source = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume.volume_id))
+    on_a = plugin.create("pv-fence-a", size=64 * MiB, source=source,
+                         parameters={"type": "remote-disk", "spreadPolicy": "preferred"})
+    on_b = plugin.create("pv-fence-b", size=64 * MiB, source=source,
+                         parameters={"type": "remote-disk", "spreadPolicy": "preferred"})
+    assert server_of(on_a) == server_of(on_b) == server
+    staged = []  # (plugin, volume id, name) to unstage at the end
+    writers, late = [], {}
+    try:
+        context_a = publish(plugin, volume.volume_id, node_a)
+        assert context_a[CTX_NBD_EXPORT] == volume.volume_id
+        target_a = stage_with(plugin, volume, "fence-a", context_a)
+        staged.append((plugin, volume.volume_id, "fence-a"))
+        before = os.urandom(1 << 20)
+        with open(Path(target_a, "before"), "wb") as out:
+            out.write(before)
+            os.fsync(out.fileno())
+        for node, name, bystander in ((plugin, "fence-by-a", on_a), (node_b, "fence-by-b", on_b)):
+            context = publish(plugin, bystander.volume_id, node.node_id)
+            writers.append(FsyncWriter(Path(stage_with(node, bystander, name, context), "log")))
+            staged.append((node, bystander.volume_id, name))
+        time.sleep(1)
+
+        unpublish(plugin, volume.volume_id, node_a)  # Kubernetes gave up on node A
+        started = time.monotonic()
+        context_b = publish(plugin, volume.volume_id, NODE_B)
+        publish_s = time.monotonic() - started
+        moved = context_b[CTX_NBD_EXPORT]
+        assert re.fullmatch(re.escape(volume.volume_id) + r"\.[0-9a-f]{8}", moved), moved
+
+        # Node A does not know: it goes on writing (in a thread: its I/O hangs until its NBD
+        # client's reconnect delay is over, then fails).
+        marker_a = os.urandom(1 << 20)
+
+        def write_on_a():
+            try:
+                with open(Path(target_a, "after-move"), "wb") as out:
+                    out.write(marker_a)
+                    os.fsync(out.fileno())
+                late["result"] = "written"
+            except OSError as error:
+                late["result"] = error
+            late["ended"] = time.monotonic()
+        writer_a = threading.Thread(target=write_on_a, daemon=True)
+        writer_a.start()
+
+        target_b = stage_with(node_b, volume, "fence-b", context_b)
+        staged.append((node_b, volume.volume_id, "fence-b"))
+        assert Path(target_b, "before").read_bytes() == before  # A's data, moved with the volume
+        marker_b = os.urandom(1 << 20)
+        with open(Path(target_b, "from-b"), "wb") as out:
+            out.write(marker_b)
+            os.fsync(out.fileno())
+        time.sleep(3)
+        stalls = [writer.finish() for writer in writers]
+        for writer in writers:
+            assert not writer.errors, f"a bystander's writer saw {writer.errors}"
+        # QEMU's client retries at +0 s (nbdkit is still starting) and +1 s.
+        assert max(stalls) < 5, stalls
+
+        image = disk.read_bytes()
+        assert marker_b[:4096] in image
+        assert not reached(marker_a, image), "node A's write reached the server after the move"
+        assert late.get("result") != "written", "node A's fsync succeeded after the move"
+        assert Path(target_b, "from-b").read_bytes() == marker_b
+        assert not Path(target_b, "after-move").exists()
+        # Every record a bystander's fsync returned for is there, read back from scratch.
+        bystanders, staged[1:3] = staged[1:3], []
+        for writer, (node, volume_id, name) in zip(writers, bystanders):
+            node.unpublish_and_unstage(volume_id, name)
+            bystander = on_a if volume_id == on_a.volume_id else on_b
+            target = stage_with(node, bystander, name, publish(plugin, volume_id, node.node_id))
+            staged.append((node, volume_id, name))
+            assert Path(target, "log").read_bytes() == b"".join(writer.records)
+        fence = [line for line in cluster_log(cluster, server)
+                 if line.get("event", "").startswith("volume moved to another node while")]
+        assert [(f["level"], f["from_node"], f["to_node"], f["export"]) for f in fence] == \
+            [("warning", node_a, NODE_B, moved)]
+        print(f"\nfence: publish {publish_s:.2f}s, nbdkit restart {fence[0]['restart_ms']} ms, "
+              f"bystanders' longest fsync gap {[round(s, 2) for s in stalls]} s")
+
+        # Node A's client cannot reconnect (its export name is gone), so its I/O fails once its
+        # reconnect delay is over; the pod's processes end, and A is cleaned up as a node that
+        # comes back would be (a process blocked in I/O keeps the mount busy until then).
+        writer_a.join(timeout=RECONNECT_DELAY + 30)
+        assert not writer_a.is_alive(), "node A's write still hangs past its reconnect delay"
+        assert isinstance(late["result"], OSError), late
+        failed_after = late["ended"] - started
+        assert failed_after < RECONNECT_DELAY + 20, failed_after
+        started = time.monotonic()
+        plugin.unpublish_and_unstage(volume.volume_id, "fence-a")
+        staged.remove((plugin, volume.volume_id, "fence-a"))
+        print(f"node A: its write failed ({late['result']}) {failed_after:.0f}s after the move; "
+              f"unstaged in {time.monotonic() - started:.1f}s")
+        assert not reached(marker_a, disk.read_bytes())
+        assert Path(target_b, "before").read_bytes() == before
+        assert Path(target_b, "from-b").read_bytes() == marker_b
+    finally:
+        for writer in writers:
+            writer.stop.set()
+        if "writer_a" in locals():
+            writer_a.join(timeout=RECONNECT_DELAY + 30)  # node A's mount is busy until then
+        cleanup = [lambda n=node, v=volume_id, name=name: n.unpublish_and_unstage(v, name)
+                   for node, volume_id, name in reversed(staged)]
+        cleanup.append(node_b.stop)
+        cleanup += [lambda v=each.volume_id, n=node: unpublish(plugin, v, n)
+                    for each in (volume, on_a, on_b) for node in (node_a, NODE_B)]
+        cleanup += [lambda v=each: delete(plugin, v) for each in (on_a, on_b, volume)]
+        failures = []
+        for step in cleanup:  # every step, whatever failed before
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - reported below
+                failures.append(error)
+        if failures and sys.exc_info()[0] is None:
+            raise failures[0]
+
+
+def reached(data: bytes, image: bytes) -> bool:
+    """Whether any of 16 filesystem blocks spread over `data` is in the volume's image."""
+    return any(data[offset:offset + 4096] in image for offset in range(0, len(data), len(data) // 16))
+
+
+def cluster_log(cluster, server) -> list[dict]:
+    lines = []
+    for raw in cluster.log_path(server).read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            pass
+    return lines

@@ -8,6 +8,7 @@ for its data directory is still running.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -207,7 +208,7 @@ def read_head(server: StorageServer, export: str, workdir: Path, length: int = M
 def test_volume_lifecycle_through_the_client(server, client):
     info = client.get_info()
     assert (info.name, dict(info.labels), info.nbd_address, info.nbd_tls, info.api_version) == \
-        ("s1", {"rack": "r1"}, f"127.0.0.1:{server.nbd_port}", True, 2)
+        ("s1", {"rack": "r1"}, f"127.0.0.1:{server.nbd_port}", True, 3)
     assert info.version
     before = client.get_capacity()
     assert 0 < before.available_bytes <= before.total_bytes
@@ -406,6 +407,175 @@ def test_publications_survive_a_server_restart_and_old_records_read_as_unpublish
                 client.delete_volume(volume_id_)
 
 
+# --- the fence: a volume that moves to another node gets a new export name ---
+
+def record_of(server: StorageServer, volume_id_: str) -> dict:
+    return json.loads((server.data_dir / "volumes" / volume_id_ / "meta.json").read_text())
+
+
+def rewrite_record(server: StorageServer, volume_id_: str, **fields) -> None:
+    """Edit a volume's record on disk as an older server (or a crash) left it; a field given
+    as None is removed."""
+    record = record_of(server, volume_id_)
+    for key, value in fields.items():
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+    (server.data_dir / "volumes" / volume_id_ / "meta.json").write_text(json.dumps(record))
+
+
+def moved_name(volume_id_: str) -> re.Pattern:
+    return re.compile(re.escape(volume_id_) + r"\.[0-9a-f]{8}")
+
+
+def events(server: StorageServer, event: str) -> list[dict]:
+    return [line for line in server.log_lines() if line.get("event", "").startswith(event)]
+
+
+def test_a_volume_published_to_another_node_gets_a_new_export_name(keys):
+    for server in make_server(keys, "--reconnect-grace", "0"):
+        with server.client() as client:
+            client.create_volume(vid(100), "moving", 4 * MiB, {})
+            assert client.get_volume(vid(100)).export_name == vid(100)
+            pattern = write_pattern(server, vid(100), server.workdir, seed=5)
+            # The first publication ever, and the same node again, keep the plain name.
+            assert client.publish_volume(vid(100), "node-a", False).export_name == vid(100)
+            client.unpublish_volume(vid(100), "node-a")
+            assert client.publish_volume(vid(100), "node-a", False).export_name == vid(100)
+            assert server.exports() == [vid(100)]
+            client.unpublish_volume(vid(100), "node-a")
+            assert client.get_volume(vid(100)).export_name == vid(100)
+
+            moved = client.publish_volume(vid(100), "node-b", False).export_name
+            assert moved_name(vid(100)).fullmatch(moved), moved
+            assert server.exports() == [moved]  # the old name is gone, for listing and opening
+            assert os.listdir(server.data_dir / "exports") == [moved]
+            assert nbdinfo("--size", server.uri(vid(100))).returncode != 0
+            assert read_head(server, moved, server.workdir) == pattern  # the same file
+            record = record_of(server, vid(100))
+            assert (record["export"], record["last_node"]) == (moved, "node-b")
+            # A retry, the same node after an unpublish, and being unpublished keep it.
+            assert client.publish_volume(vid(100), "node-b", False).export_name == moved
+            client.unpublish_volume(vid(100), "node-b")
+            assert client.get_volume(vid(100)).export_name == moved
+            assert [v.export_name for v in client.list_volumes() if v.volume_id == vid(100)] == [moved]
+            assert client.publish_volume(vid(100), "node-b", False).export_name == moved
+            assert client.expand_volume(vid(100), 8 * MiB).export_name == moved
+            [renamed] = events(server, "volume moved to another node")
+            assert (renamed["level"], renamed["from_node"], renamed["to_node"], renamed["export"],
+                    renamed["old_exports"]) == ("info", "node-a", "node-b", moved, [vid(100)])
+            assert not events(server, "nbdkit killed")  # nobody had it open: nothing cut
+
+        server.stop(signal.SIGKILL)
+        server.start("--reconnect-grace", "0")
+        with server.client() as client:
+            assert client.get_volume(vid(100)).export_name == moved
+            assert server.exports() == [moved]
+            client.unpublish_volume(vid(100), "node-b")
+            # Back to node-a: a new name again (node-a must not reach it under its old one).
+            again = client.publish_volume(vid(100), "node-a", False).export_name
+            assert moved_name(vid(100)).fullmatch(again) and again != moved
+            assert server.exports() == [again]
+            client.unpublish_volume(vid(100), "")
+            client.delete_volume(vid(100))
+            assert server.exports() == []
+            assert os.listdir(server.data_dir / "exports") == []
+
+
+def test_records_from_before_export_names_and_a_crash_in_the_middle_of_a_move(keys):
+    for server in make_server(keys, "--reconnect-grace", "0"):
+        with server.client() as client:
+            for n in (101, 102, 103):
+                client.create_volume(vid(n), f"old-{n}", 4 * MiB, {})
+            client.publish_volume(vid(101), "node-a", False)
+            client.publish_volume(vid(103), "node-a", False)
+        # As a version-2 server wrote them: vid(101) published to node-a, vid(102) never
+        # published, neither with an export name or a last node.
+        rewrite_record(server, vid(101), export=None, last_node=None)
+        rewrite_record(server, vid(102), export=None, last_node=None)
+        # vid(103): the server crashed in the middle of moving it to node-b, after the record
+        # (the truth) and before the links: exports/ still has the old name.
+        crashed = f"{vid(103)}.0123abcd"
+        rewrite_record(server, vid(103), export=crashed, last_node="node-b",
+                       publication={"node_id": "node-b", "readonly": False})
+        (server.data_dir / "exports" / f"{vid(102)}.deadbeef").write_bytes(b"stale")
+        server.stop(signal.SIGKILL)
+        server.start("--reconnect-grace", "0")
+        with server.client() as client:
+            assert server.exports() == sorted([vid(101), vid(102), crashed])
+            assert [client.get_volume(vid(n)).export_name for n in (101, 102, 103)] == \
+                [vid(101), vid(102), crashed]
+            # vid(101): its last node is the one it is published to.
+            assert client.publish_volume(vid(101), "node-a", False).export_name == vid(101)
+            client.unpublish_volume(vid(101), "node-a")
+            assert moved_name(vid(101)).fullmatch(
+                client.publish_volume(vid(101), "node-b", False).export_name)
+            # vid(102): never published as far as anyone knows, so its first publication
+            # keeps the plain name.
+            assert client.publish_volume(vid(102), "node-b", False).export_name == vid(102)
+            # vid(103): the retried publish finds it done.
+            assert client.publish_volume(vid(103), "node-b", False).export_name == crashed
+            assert nbdinfo("--size", server.uri(vid(103))).returncode != 0
+            assert nbdinfo("--size", server.uri(crashed)).returncode == 0
+            for n in (101, 102, 103):
+                client.unpublish_volume(vid(n), "")
+                client.delete_volume(vid(n))
+            assert os.listdir(server.data_dir / "exports") == []
+
+
+def served_by(server: StorageServer) -> list[int]:
+    """The server's own nbdkit (not the holders of `hold_open`, which run below its workdir)."""
+    return [pid for pid in nbdkit_pids(server.workdir)
+            if f"dir={server.data_dir / 'exports'}".encode()
+            in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+
+
+def test_moving_a_volume_a_node_still_has_open_cuts_its_connection(keys):
+    """Node A lost the volume (unpublished) but is still connected: publishing it to node B
+    renames the export and restarts nbdkit, so A's connection is gone and its name too."""
+    for server in make_server(keys, "--reconnect-grace", "0"):
+        with server.client() as client:
+            client.create_volume(vid(110), "moved", 4 * MiB, {})
+            client.create_volume(vid(111), "bystander", 4 * MiB, {})
+            before = write_pattern(server, vid(110), server.workdir, seed=21)
+            client.publish_volume(vid(110), "node-a", False)
+            node_a = server.hold_open(vid(110))
+            try:
+                wait_for(lambda: client.get_volume(vid(110)).in_use, 10, "node A's connection")
+                [first] = served_by(server)
+                client.unpublish_volume(vid(110), "node-a")
+                # Unpublished but still open: nothing is cut until the volume moves.
+                assert served_by(server) == [first]
+                started = time.monotonic()
+                moved = client.publish_volume(vid(110), "node-b", False).export_name
+                took = time.monotonic() - started
+                assert moved_name(vid(110)).fullmatch(moved)
+                assert served_by(server) not in ([], [first])
+                assert not client.get_volume(vid(110)).in_use
+                # Node A's writes through its (cut) attachment fail, and reach nothing.
+                (server.workdir / "late").write_bytes(b"A" * MiB)
+                late = subprocess.run(["nbdcopy", str(server.workdir / "late"), node_a.uri],
+                                      capture_output=True, timeout=60)
+                assert late.returncode != 0
+            finally:
+                node_a.terminate()
+                node_a.wait(10)
+            assert nbdinfo("--size", server.uri(vid(110))).returncode != 0  # no way back in
+            assert read_head(server, moved, server.workdir) == before
+            assert nbdinfo("--size", server.uri(vid(111))).returncode == 0  # others still served
+            [fence] = events(server, "volume moved to another node while a node still had it open")
+            assert (fence["level"], fence["from_node"], fence["to_node"], fence["export"]) == \
+                ("warning", "node-a", "node-b", moved)
+            assert 0 < fence["restart_ms"] < 5000 and took < 10
+            [killed] = events(server, "nbdkit killed to cut every connection")
+            assert killed["pid"] == first and vid(110) in killed["reason"]
+            assert not events(server, "nbdkit exited")  # not a crash: no backoff
+            for n in (110, 111):
+                client.unpublish_volume(vid(n), "")
+                client.delete_volume(vid(n))
+
+
 def test_a_server_too_old_to_publish_says_to_upgrade_it(keys):
     """A version-1 server has no PublishVolume: the controller gets FAILED_PRECONDITION saying
     what to do, not UNIMPLEMENTED (which would read as "polyvol cannot do this")."""
@@ -424,6 +594,58 @@ def test_a_server_too_old_to_publish_says_to_upgrade_it(keys):
                 client.publish_volume(vid(94), "node-a", False)
     finally:
         old.stop(grace=None)
+
+
+def test_a_version_2_server_publishes_under_the_volume_id_and_nodes_check_export_names(keys, tmp_path):
+    """A server older than the fence (API 2) says no export name: its export is the volume id,
+    which is what the publish_context then carries, with a warning that the volume is not
+    fenced. A node refuses an export name that is not one of the volume's."""
+    import logging
+    from concurrent import futures
+
+    from driver.backends.remote_disk import CTX_NBD_EXPORT, RemoteDiskBackend, ServerDirectory
+    from driver.storage import tls
+
+    class Version2(storage_pb2_grpc.StorageServerServicer):
+        def GetInfo(self, request, context):
+            return storage_pb2.ServerInfo(name="s1", nbd_address="127.0.0.1:1", nbd_tls=True,
+                                          api_version=2)
+
+        def PublishVolume(self, request, context):
+            return storage_pb2.StoredVolume(volume_id=request.volume_id,
+                                            published_node=request.node_id)
+
+    old = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    storage_pb2_grpc.add_StorageServerServicer_to_server(Version2(), old)
+    port = old.add_secure_port("127.0.0.1:0", tls.server_credentials(keys / "tls"))
+    old.start()
+    servers = tmp_path / "servers.json"
+    servers.write_text(json.dumps({"servers": [{"name": "s1", "address": f"127.0.0.1:{port}"}]}))
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("polyvol.remote-disk")
+    logger.addHandler(handler)
+    try:
+        backend = RemoteDiskBackend(ServerDirectory(str(servers)), str(keys / "tls"))
+        assert backend.publish(vid(95), "node-a", False) == {
+            "polyvol.csi.io/nbd-address": "127.0.0.1:1", "polyvol.csi.io/nbd-tls": "true",
+            CTX_NBD_EXPORT: vid(95)}
+        assert [r.getMessage() for r in seen if r.levelno == logging.WARNING] == [
+            "storage server predates the fence of moved volumes: a node this volume was "
+            "published to before may still write to it; upgrade polyvol on that server"]
+    finally:
+        logger.removeHandler(handler)
+        old.stop(grace=None)
+
+    node = RemoteDiskBackend(None, None, attacher=None, psk_identity="n", psk_file="/dev/null")
+    context = {"polyvol.csi.io/nbd-address": "127.0.0.1:1", "polyvol.csi.io/nbd-tls": "false"}
+    for export in (vid(96), f"{vid(95)}.0123abc", f"{vid(95)}.0123ABCD", f"{vid(95)}/x", "../x"):
+        with pytest.raises(errors.InvalidArgument, match="is not an export name of"):
+            node.attach(vid(95), {**context, CTX_NBD_EXPORT: export})
+    for export in ("", vid(95), f"{vid(95)}.0123abcd"):  # accepted: on to the (missing) attacher
+        with pytest.raises(errors.FailedPrecondition, match="does not serve the node role"):
+            node.attach(vid(95), {**context, CTX_NBD_EXPORT: export})
 
 
 # --- authentication ---

@@ -12,7 +12,11 @@ Publication (ControllerPublishVolume): a volume is attached to one node at a tim
 publication lives in the volume's record there, so it holds across controller restarts and
 replicas. The publish_context carries the server's NBD address as the server reports it at
 publish time; it overrides the one the volume_context recorded at create, so a server that
-came back under a new address is still reached.
+came back under a new address is still reached. It also carries the volume's NBD export name
+(CTX_NBD_EXPORT): the server renames the export when the volume moves to another node, so the
+node it moved away from (lost, perhaps only partitioned) cannot reach it any more (the fence:
+driver/storage/server.py). Without the key (volumes staged before it existed, a stage without
+ControllerPublish) the export name is the volume id.
 """
 
 import hashlib
@@ -26,6 +30,7 @@ from .. import fs, log, placement
 from ..attach.nbd import NbdTarget
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..parameters import COMMON_KEYS, check_common
+from ..storage import export_name_pattern
 from .base import (HEALTHY, Attachment, Backend, Condition, CreateRequest, Publication, Snapshot,
                    Volume, check_known_keys)
 
@@ -40,6 +45,9 @@ SNAPSHOT_ID = re.compile(rf"{PREFIX}-snap-(?P<digest>[0-9a-f]{{32}})-(?P<server>
 CTX_SERVER = "polyvol.csi.io/server"
 CTX_NBD_ADDRESS = "polyvol.csi.io/nbd-address"
 CTX_NBD_TLS = "polyvol.csi.io/nbd-tls"
+CTX_NBD_EXPORT = "polyvol.csi.io/nbd-export"
+# The storage API version from which a server fences a volume that moved (export names).
+FENCE_API_VERSION = 3
 CTX_SPREAD_GROUP = "polyvol.csi.io/spread-group"
 CTX_SPREAD = "polyvol.csi.io/spread"
 # GetCapacity with this segment key reports one storage server's free space.
@@ -230,11 +238,19 @@ class RemoteDiskBackend(Backend):
         self._known_client(self._parse_volume_id(volume_id)["server"]).delete_volume(volume_id)
 
     def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
-        client = self._client(self._parse_volume_id(volume_id)["server"])
-        client.publish_volume(volume_id, node_id, readonly)
+        server = self._parse_volume_id(volume_id)["server"]
+        client = self._client(server)
+        stored = client.publish_volume(volume_id, node_id, readonly)
         # Asked now, not copied from the volume_context: the address recorded at create is
         # stale once the server has moved (a rescheduled pod gets a new IP).
-        return _data_plane(client.get_info())
+        info = client.get_info()
+        if info.api_version < FENCE_API_VERSION:
+            # Still correct (such a server's export is always the volume id), but not fenced.
+            _log.warning("storage server predates the fence of moved volumes: a node this "
+                         "volume was published to before may still write to it; upgrade polyvol "
+                         "on that server", server=server, volume_id=volume_id,
+                         api_version=info.api_version)
+        return {**_data_plane(info), CTX_NBD_EXPORT: stored.export_name or volume_id}
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
         match = VOLUME_ID.fullmatch(volume_id)
@@ -336,11 +352,16 @@ class RemoteDiskBackend(Backend):
         host, _, port = address.rpartition(":")
         if not port.isdigit():
             raise InvalidArgument(f"{CTX_NBD_ADDRESS} {address!r} is not host:port")
+        export = context.get(CTX_NBD_EXPORT) or volume_id
+        if not re.fullmatch(export_name_pattern(volume_id), export):
+            raise InvalidArgument(f"{CTX_NBD_EXPORT} {export[:100]!r} is not an export name of "
+                                  f"{volume_id}; pass the publish_context ControllerPublishVolume "
+                                  f"returned")
         tls = context.get(CTX_NBD_TLS, "true") == "true"
         if tls and not self.psk_file:
             raise FailedPrecondition(f"{volume_id} is served over TLS-PSK but this node has no key; "
                                      f"start the node plugin with --nbd-psk-file")
-        target = NbdTarget(host=host.strip("[]"), port=int(port), export=volume_id,
+        target = NbdTarget(host=host.strip("[]"), port=int(port), export=export,
                            psk_identity=self.psk_identity if tls else None,
                            psk_key_file=self.psk_file if tls else None, tls=tls)
         return self._require_attacher().attach(volume_id, target)

@@ -48,7 +48,7 @@ class GetCapacityResponse(_message.Message):
     def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., volumes: _Optional[int] = ...) -> None: ...
 
 class StoredVolume(_message.Message):
-    __slots__ = ("volume_id", "name", "size_bytes", "parameters", "source_snapshot_id", "source_volume_id", "spread_group", "created_at", "in_use", "allocated_bytes", "published_node", "published_readonly")
+    __slots__ = ("volume_id", "name", "size_bytes", "parameters", "source_snapshot_id", "source_volume_id", "spread_group", "created_at", "in_use", "allocated_bytes", "published_node", "published_readonly", "export_name")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class StoredVolume(_message.Message):
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_NODE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_READONLY_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_NAME_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     name: str
     size_bytes: int
@@ -80,7 +81,8 @@ class StoredVolume(_message.Message):
     allocated_bytes: int
     published_node: str
     published_readonly: bool
-    def __init__(self, volume_id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., spread_group: _Optional[str] = ..., created_at: _Optional[float] = ..., in_use: bool = ..., allocated_bytes: _Optional[int] = ..., published_node: _Optional[str] = ..., published_readonly: bool = ...) -> None: ...
+    export_name: str
+    def __init__(self, volume_id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., parameters: _Optional[_Mapping[str, str]] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., spread_group: _Optional[str] = ..., created_at: _Optional[float] = ..., in_use: bool = ..., allocated_bytes: _Optional[int] = ..., published_node: _Optional[str] = ..., published_readonly: bool = ..., export_name: _Optional[str] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("volume_id", "name", "size_bytes", "parameters", "source_snapshot_id", "source_volume_id", "spread_group")

@@ -171,6 +171,11 @@ class StorageServerServicer(object):
         same node and readonly flag; FAILED_PRECONDITION when another node has the volume,
         ALREADY_EXISTS when this node has it with the other readonly flag, NOT_FOUND when there
         is no such volume. (API version 2.)
+        Publishing to a node other than the one the volume was last published to gives the volume
+        a new NBD export name and removes the old one, and if a node still has the volume open
+        (the old node, lost or partitioned) cuts every NBD connection of the server (a restart of
+        its nbdkit; other volumes' clients reconnect), so the old node cannot write to it any more.
+        The node that now has the volume attaches it under the returned export_name. (API version 3.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -7,7 +7,8 @@ the controller uses), `tls` (certificates), `cli` (`polyvol storage-server`, `po
 Ids are chosen by the controller and name the server that holds the volume:
 `rd-<32 hex>-<server>` for volumes, `rd-snap-<32 hex>-<server>` for snapshots. A server
 accepts only ids that end in its own name, so an id can never steer one server to another
-server's volume, and the id doubles as the NBD export name.
+server's volume. A volume's NBD export name is its id, or `<id>.<8 hex>` once it has moved
+from one node to another (a new name at each move: see server.py, the fence).
 """
 
 import re
@@ -38,6 +39,11 @@ def volume_id_pattern(server: str) -> str:
 
 def snapshot_id_pattern(server: str) -> str:
     return rf"{SNAPSHOT_PREFIX}-[0-9a-f]{{32}}-{re.escape(server)}"
+
+
+def export_name_pattern(volume_id_: str) -> str:
+    """The NBD export names a volume may have: its id, or its id and 8 hex digits."""
+    return rf"{re.escape(volume_id_)}(?:\.[0-9a-f]{{8}})?"
 
 
 def volume_id(digest: str, server: str) -> str:

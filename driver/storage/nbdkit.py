@@ -20,6 +20,13 @@
   Writes nbdkit acknowledged are in the kernel's page cache already, so killing it loses
   nothing.
 - `--pidfile` is written once nbdkit accepts connections: that is "ready".
+- `restart` kills the running nbdkit by SIGKILL on purpose and the supervisor starts the next
+  one at once (no crash backoff): the one way to cut every connection nbdkit has, used to
+  fence a node off a volume that moved away from it (server.py, PublishVolume). nbdkit cannot
+  drop one client, but after SIGKILL every client of another volume reconnects to its export
+  and resends, like after a crash, so the cost is a stall of about a second on the server's
+  other attached volumes (QEMU's client retries at +0 s, while nbdkit is still starting, then
+  at +1 s).
 - No `--filter=fua fuamode=force`. NBD, like a disk with a volatile write cache, promises
   durability only for writes covered by a FLUSH or sent with FUA, and both reach the file
   as fdatasync (the export advertises can_flush and can_fua). Filesystems on the node
@@ -69,6 +76,7 @@ class Nbdkit:
         self._ready_at: float | None = None
         self._ever_ready = False
         self._stderr_tail = collections.deque(maxlen=20)
+        self._restart_reason: str | None = None  # set while a requested restart is under way
         self._thread = threading.Thread(target=self._supervise, name="nbdkit-supervisor", daemon=True)
 
     def argv(self) -> list[str]:
@@ -137,19 +145,70 @@ class Nbdkit:
         pid = self.pid()
         if pid is None:
             raise Unavailable("the NBD data plane (nbdkit) is restarting; retry in a few seconds")
-        found = set()
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except FileNotFoundError:
-            raise Unavailable("the NBD data plane (nbdkit) just exited; retry in a few seconds") from None
-        for name in names:
+        return _open_files_of(pid)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> bool:
+        """Wait until an nbdkit is ready; False if none is within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.pid() is None:
+            if time.monotonic() > deadline or self._stopping.is_set():
+                return False
+            time.sleep(0.01)
+        return True
+
+    def restart(self, reason: str, pid: int | None = None,
+                timeout: float = READY_TIMEOUT) -> float | None:
+        """Cut every NBD connection: SIGKILL the running nbdkit (only if it is still `pid`,
+        when given) and wait until the supervisor's next one is ready, which it starts at once.
+        Returns the seconds from the kill to the new nbdkit being ready (`timeout` when it was
+        not ready by then: the supervisor goes on as after a crash); None when there was
+        nothing to kill (that nbdkit is gone already, and its connections with it)."""
+        with self._lock:
+            running = self._nbdkit_pid
+            if running is None or (pid is not None and running != pid):
+                return None
+            self._restart_reason = reason
+            killed_at = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(running, signal.SIGKILL)
+        deadline = killed_at + timeout
+        while True:
+            now = self.pid()
+            if now is not None and now != running:
+                return time.monotonic() - killed_at
+            if time.monotonic() > deadline or self._stopping.is_set():
+                _log.error("nbdkit not ready again after a restart", timeout_s=timeout,
+                           reason=reason)
+                return time.monotonic() - killed_at
+            time.sleep(0.005)
+
+    def restart_if_open(self, file_id: tuple[int, int], reason: str) -> float | None:
+        """`restart` if nbdkit has the file (device, inode) open, i.e. some client is connected
+        to an export of it; returns what `restart` did, None when nothing was open.
+
+        The caller has removed every name the file was exported under, so no client can open
+        it from now on; what is left to cut are connections opened before. An open that raced
+        with the removal (nbdkit resolved the name just before, and its descriptor appears just
+        after the first look) is caught by the second look."""
+        if not self.wait_ready():
+            # No nbdkit was ready for READY_TIMEOUT: the one that served before the names were
+            # removed is dead (the supervisor kills one that is not ready in that time), and
+            # its connections with it; a new one cannot open the removed names.
+            _log.warning("nbdkit is not running: no connection to cut", reason=reason)
+            return None
+        for look in range(2):
+            pid = self.pid()
+            if pid is None:
+                return None  # exited meanwhile: the connections went with it
             try:
-                st = os.stat(f"{fd_dir}/{name}")
-            except FileNotFoundError:
-                continue  # closed while we looked
-            found.add((st.st_dev, st.st_ino))
-        return found
+                open_now = _open_files_of(pid)
+            except Unavailable:
+                return None
+            if file_id in open_now:
+                return self.restart(reason, pid)
+            if look == 0:
+                time.sleep(0.02)
+        return None
 
     # --- the supervisor thread ---
     def _supervise(self) -> None:
@@ -177,12 +236,19 @@ class Nbdkit:
             with self._lock:
                 nbdkit_pid = self._nbdkit_pid
                 self._process, self._nbdkit_pid, self._ready_at = None, None, None
+                requested, self._restart_reason = self._restart_reason, None
                 if self._stopping.is_set():
                     _log.info("nbdkit stopped", pid=nbdkit_pid, rc=returncode)
                     return
+            self.restarts += 1
+            if requested is not None:
+                # Killed on purpose (`restart`): the next one starts at once, and this run
+                # does not count as a crash for the backoff.
+                _log.info("nbdkit killed to cut every connection; restarting now",
+                          pid=nbdkit_pid, reason=requested, restarts=self.restarts)
+                continue
             if ran >= STABLE_SECONDS:
                 backoff = FIRST_BACKOFF
-            self.restarts += 1
             _log.warning("nbdkit exited; restarting", pid=nbdkit_pid, rc=returncode,
                          ran_s=round(ran, 1), restart_in_s=backoff, restarts=self.restarts,
                          stderr=" / ".join(self._stderr_tail))
@@ -204,7 +270,7 @@ class Nbdkit:
                 _log.error("nbdkit not ready in time; killing it", timeout_s=READY_TIMEOUT)
                 process.terminate()
                 return False
-            time.sleep(0.05)
+            time.sleep(0.01)
         return False
 
     def _drain(self, process: subprocess.Popen) -> None:
@@ -272,6 +338,23 @@ def _start_under_watchdog(argv: list[str]) -> tuple[subprocess.Popen, int]:
     finally:
         os.close(read_end)
     return watchdog, write_end
+
+
+def _open_files_of(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of every file process `pid` has open."""
+    found = set()
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        raise Unavailable("the NBD data plane (nbdkit) just exited; retry in a few seconds") from None
+    for name in names:
+        try:
+            st = os.stat(f"{fd_dir}/{name}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def _child_pid_in(pidfile: Path, parent: int) -> int | None:

@@ -2,7 +2,7 @@
 
 Layout of the data directory (mode 0700, the volume data is nobody else's business):
     volumes/, snapshots/, trash/   the FileStore (driver/filestore.py)
-    exports/<volume-id>            hard links to volumes/<volume-id>/disk.img, served by nbdkit
+    exports/<export-name>          hard links to volumes/<volume-id>/disk.img, served by nbdkit
     nbdkit.pid                     written by nbdkit when it accepts connections
 
 nbdkit serves every file in exports/ as an export named after it. A hard link (not a
@@ -10,6 +10,8 @@ symlink, not the store's own directory) keeps exports/ flat while the store keep
 per-volume directories, and removing the link takes the export away without touching the
 data. A link exists exactly while the volume is ready: made after CreateVolume, removed
 before DeleteVolume deletes, and put right at start (after a crash) from the store's records.
+The link's name, the volume's export name, is recorded in the volume's record (`export`;
+absent = the volume id, which is also how records written before it existed read).
 
 "Attached" means nbdkit has the volume's file open: it opens an export's file when a node
 connects to it and keeps it open for the connection (see nbdkit.Nbdkit.open_files).
@@ -25,12 +27,28 @@ publication existed read), not in the controller: the server is the one place ev
 controller replica and every controller restart asks, so "one node per volume" holds
 whoever asks. A published volume is not deleted: the node it belongs to may attach it at
 any moment.
+
+The fence: a node that lost its volume to another node (Kubernetes unpublished it from a lost
+node, by the out-of-service taint or its force-detach timeout) may be partitioned, not dead:
+its NBD client keeps its connection, or reconnects when the network heals, and two nodes
+writing one ext4 corrupt it. So when a volume is published to a node other than the one it
+was published to last (`last_node`, kept across unpublish; for older records, the node of the
+publication), it gets a new export name, `<volume-id>.<8 random hex>`: the new name is written
+to the record, linked, the old name unlinked. A client can only (re)connect by name, so the
+old node can no longer reach the volume; and if it still has it open, every NBD connection is
+cut by killing nbdkit (Nbdkit.restart_if_open). Other volumes' clients reconnect to their
+unchanged names and resend; the old node's client finds no export of its name and its I/O
+fails once its reconnect delay is over. The record is written before the links change: it is
+the truth, and a crash in between leaves links that reconcile_exports makes match it at start,
+before nbdkit serves again (and nbdkit died with the server, cutting the old connection).
+The same node again, or the first publication ever, keeps the name.
 """
 
 import contextlib
 import ipaddress
 import os
 import re
+import secrets
 from concurrent import futures
 from pathlib import Path
 
@@ -44,14 +62,15 @@ from ..locks import OperationLocks
 from ..proto import storage_pb2, storage_pb2_grpc
 from ..rpc import method, require
 from ..signals import termination_event
-from . import (DEFAULT_RECONNECT_GRACE, check_server_name, server_of, snapshot_id_pattern, tls,
-               volume_id_pattern)
+from . import (DEFAULT_RECONNECT_GRACE, check_server_name, export_name_pattern, server_of,
+               snapshot_id_pattern, tls, volume_id_pattern)
 from .nbdkit import Nbdkit, read_psk_identities
 
 _log = log.get("storage")
 # 1: volumes, snapshots, capacity. 2: PublishVolume/UnpublishVolume and the publication in
-# StoredVolume (a version-1 server answers those calls UNIMPLEMENTED).
-API_VERSION = 2
+# StoredVolume (a version-1 server answers those calls UNIMPLEMENTED). 3: export names that
+# change when a volume moves to another node (StoredVolume.export_name; "" from version 2).
+API_VERSION = 3
 MAX_NAME = 256
 MAX_NODE_ID = 256  # bytes; the CSI spec's limit for a node id
 MAX_SPREAD_GROUP = 253
@@ -119,7 +138,7 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             except CopyRefused:
                 self.store.delete_volume(volume_id)
                 raise
-            self._export(volume_id)
+            self._export(record)  # a retry finds the record of a volume that may have moved
         _log.info("volume ready", volume_id=volume_id, size_bytes=record["size_bytes"],
                   spread_group=request.spread_group)
         return self._stored(record, self._open_now())
@@ -139,7 +158,8 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
                     self._refuse_if_attached(volume_id, disk, "deleted")
                 except PolyvolError:
                     if exported:
-                        self._export(volume_id)
+                        with contextlib.suppress(NotFound):
+                            self._export(self.store.read_volume(volume_id))
                     raise
             if self.store.delete_volume(volume_id):
                 _log.info("volume deleted", volume_id=volume_id)
@@ -199,12 +219,23 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
         # different nodes cannot both see "not published" and both win.
         with self._held(volume_id, operation="PublishVolume"):
             record = self.store.read_volume(volume_id)
-            if not check_publication(volume_id, _publication(record), request.node_id,
+            previous = _last_node(record)
+            if not check_publication(volume_id, Publication.in_record(record), request.node_id,
                                      request.readonly):
-                record["publication"] = {"node_id": request.node_id, "readonly": request.readonly}
+                record["publication"] = Publication(request.node_id, request.readonly).as_record()
+                record["last_node"] = request.node_id
+                if previous is not None and previous != request.node_id:
+                    record["export"] = f"{volume_id}.{secrets.token_hex(4)}"
+                # The record first (see the module docstring): a crash before the links follow
+                # leaves them for reconcile_exports to put right.
                 self.store.update_volume(record)
                 _log.info("volume published", volume_id=volume_id, node=request.node_id,
-                          readonly=request.readonly)
+                          readonly=request.readonly, export=_export_name(record))
+            # Also on a retry: an earlier call may have failed between the record and here.
+            removed = self._export(record, only=True)
+            if removed:
+                self._fence(record, removed,
+                            previous if previous != request.node_id else None)
         return self._stored(record, self._open_now())
 
     @method
@@ -216,11 +247,12 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
                 record = self.store.read_volume(volume_id)
             except NotFound:
                 return storage_pb2.UnpublishVolumeResponse()  # no volume: nothing is published
-            current = _publication(record)
+            current = Publication.in_record(record)
             # Another node's publication stays: this call is a detach from request.node_id
             # (perhaps a late retry), and must not free the volume for a third node.
             if current is not None and request.node_id in ("", current.node_id):
                 del record["publication"]
+                record["last_node"] = current.node_id  # the fence needs it (records before it)
                 self.store.update_volume(record)
                 _log.info("volume unpublished", volume_id=volume_id, node=current.node_id)
         return storage_pb2.UnpublishVolumeResponse()
@@ -250,7 +282,7 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
 
     def _refuse_if_published(self, volume_id: str) -> None:
         try:
-            current = _publication(self.store.read_volume(volume_id))
+            current = Publication.in_record(self.store.read_volume(volume_id))
         except NotFound:
             return  # never finished, or gone already
         if current is not None:
@@ -296,35 +328,83 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
                               f"detached")
 
     # --- exports ---
-    def _export(self, volume_id: str) -> None:
-        disk, link = self.store.data_path(volume_id), self.exports_dir / volume_id
+    def _export(self, record: dict, only: bool = False) -> list[str]:
+        """Serve the volume under its recorded export name (a hard link in exports/). With
+        `only`, also remove every other name it is exported under (a name it had before it
+        moved to another node); returns the names removed. The new name is linked before the
+        old ones go, and exports/ is fsynced once, after both."""
+        volume_id, name = record["volume_id"], _export_name(record)
+        disk, link = self.store.data_path(volume_id), self.exports_dir / name
+        changed = False
         try:
             os.link(disk, link)
+            changed = True
         except FileExistsError:
-            if os.path.samefile(disk, link):
-                return
-            link.unlink()
-            os.link(disk, link)
-        state.fsync_dir(self.exports_dir)
+            if not os.path.samefile(disk, link):
+                link.unlink()
+                os.link(disk, link)
+                changed = True
+        removed = []
+        if only:
+            for other in self._names_of(volume_id):
+                if other != name:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.exports_dir / other).unlink()
+                        removed.append(other)
+        if changed or removed:
+            state.fsync_dir(self.exports_dir)
+        return removed
 
     def _unexport(self, volume_id: str) -> bool:
-        """Remove the export; False when there was none."""
+        """Remove every export of the volume; False when there was none."""
+        names = self._names_of(volume_id)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (self.exports_dir / name).unlink()
+        if names:
+            state.fsync_dir(self.exports_dir)
+        return bool(names)
+
+    def _names_of(self, volume_id: str) -> list[str]:
+        """The names the volume is exported under now (one, but for a crash or an error in
+        the middle of a move)."""
+        pattern = re.compile(export_name_pattern(volume_id))
+        with os.scandir(self.exports_dir) as entries:
+            return sorted(e.name for e in entries if pattern.fullmatch(e.name))
+
+    def _fence(self, record: dict, removed: list[str], previous: str | None) -> None:
+        """The volume's old export names are gone: cut every connection if a node still has
+        the volume open (the node it was published to before, lost or partitioned)."""
+        volume_id = record["volume_id"]
+        node = record["publication"]["node_id"]
         try:
-            (self.exports_dir / volume_id).unlink()
+            disk = os.stat(self.store.data_path(volume_id))
         except FileNotFoundError:
-            return False
-        state.fsync_dir(self.exports_dir)
-        return True
+            return
+        reason = f"{volume_id} moved to node {node}"
+        took = self.nbdkit.restart_if_open((disk.st_dev, disk.st_ino), reason)
+        if took is None:
+            _log.info("volume moved to another node: export renamed", volume_id=volume_id,
+                      from_node=previous, to_node=node, export=_export_name(record),
+                      old_exports=removed)
+            return
+        _log.warning("volume moved to another node while a node still had it open: export "
+                     "renamed and every NBD connection cut (nbdkit restarted; other volumes' "
+                     "clients reconnect)", volume_id=volume_id, from_node=previous, to_node=node,
+                     export=_export_name(record), old_exports=removed,
+                     restart_ms=round(took * 1000))
 
     def reconcile_exports(self) -> None:
-        """Make exports/ hold exactly the ready volumes (a crash may have left it behind)."""
-        ready = {record["volume_id"] for record in self.store.list_volumes()}
+        """Make exports/ hold exactly the ready volumes under their recorded names (a crash
+        may have left it behind, e.g. between a move's record and its links)."""
+        records = self.store.list_volumes()
+        wanted = {_export_name(record) for record in records}
         for entry in os.scandir(self.exports_dir):
-            if entry.name not in ready:
+            if entry.name not in wanted:
                 os.unlink(entry.path)
                 _log.warning("removed stale export", export=entry.name)
-        for volume_id in sorted(ready):
-            self._export(volume_id)
+        for record in sorted(records, key=lambda r: r["volume_id"]):
+            self._export(record)
 
     # --- replies ---
     def _open_now(self) -> set:
@@ -340,7 +420,7 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             in_use = (st.st_dev, st.st_ino) in open_now
         except FileNotFoundError:
             in_use = False
-        publication = _publication(record)
+        publication = Publication.in_record(record)
         return storage_pb2.StoredVolume(
             volume_id=volume_id, name=record["name"], size_bytes=record["size_bytes"],
             parameters=record["parameters"], source_snapshot_id=record["source_snapshot_id"],
@@ -348,16 +428,23 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
             created_at=record["created_at"], in_use=in_use,
             allocated_bytes=self.store.allocated_bytes(volume_id),
             published_node=publication.node_id if publication else "",
-            published_readonly=publication.readonly if publication else False)
+            published_readonly=publication.readonly if publication else False,
+            export_name=_export_name(record))
 
 
-def _publication(record: dict) -> Publication | None:
-    """The node a volume record is published to; None when it is not (records written before
-    publication existed have no such key and read as not published)."""
-    published = record.get("publication")
-    if not published:
-        return None
-    return Publication(published["node_id"], bool(published["readonly"]))
+def _export_name(record: dict) -> str:
+    """The NBD export name of a volume: the volume id unless it moved (records written before
+    export names existed have no such key)."""
+    return record.get("export") or record["volume_id"]
+
+
+def _last_node(record: dict) -> str | None:
+    """The node the volume was last published to, published now or not; None if never.
+    Records written before `last_node` existed read as their publication's node."""
+    if "last_node" in record:
+        return record["last_node"] or None
+    publication = Publication.in_record(record)
+    return publication.node_id if publication else None
 
 
 def _snapshot(record: dict) -> storage_pb2.StoredSnapshot:
