@@ -7,6 +7,7 @@ import socket
 import sys
 
 from . import DRIVER_NAME, __version__, log
+from .attach.nbd import RECONNECT_DELAY
 from .errors import PolyvolError
 from .units import parse_size
 
@@ -61,6 +62,10 @@ def _plugin_parser(commands) -> None:
                      help="which identity of the PSK file this node uses")
     nbd.add_argument("--nbd-attach", choices=("auto", "kernel", "userspace"), default="auto",
                      help="kernel NBD when the node has it (auto), or force one path")
+    nbd.add_argument("--nbd-reconnect-delay", type=_reconnect_delay, default=RECONNECT_DELAY,
+                     metavar="SECONDS",
+                     help="how long I/O waits for an unreachable storage server before it fails "
+                          f"(default {RECONNECT_DELAY}; applies to volumes attached from now on)")
     ceph = plugin.add_argument_group("replicated and erasure-coded (Ceph RBD)")
     ceph.add_argument("--ceph-config", default="", metavar="FILE",
                       help='JSON {"clusters": [{"clusterID": "c1", "monitors": ["10.0.0.1:6789"]}]} '
@@ -81,6 +86,12 @@ def _driver_name(text: str) -> str:
     return text
 
 
+def _reconnect_delay(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 3600:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds from 1 to 3600, not {text!r}")
+    return int(text)
+
+
 def _type_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -98,7 +109,8 @@ def _run_plugin(args) -> int:
                  storage_server_namespace=args.storage_server_namespace,
                  storage_server_port=args.storage_server_port, storage_tls_dir=args.storage_tls_dir,
                  nbd_psk_file=args.nbd_psk_file, nbd_psk_identity=args.nbd_psk_identity,
-                 nbd_attach=args.nbd_attach, ceph_config=args.ceph_config,
+                 nbd_attach=args.nbd_attach, nbd_reconnect_delay=args.nbd_reconnect_delay,
+                 ceph_config=args.ceph_config,
                  rbd_attach=args.rbd_attach, driver_name=args.driver_name, types=args.types,
                  nodes=args.nodes, metrics_address=args.metrics_address)
     return 0

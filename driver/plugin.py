@@ -8,7 +8,7 @@ import grpc
 
 from . import DRIVER_NAME, __version__, log, metrics
 from .backends import Registry
-from .attach.nbd import NbdAttacher
+from .attach.nbd import RECONNECT_DELAY, NbdAttacher
 from .attach.rbd import RbdAttacher
 from .backends.ceph import CephBackend, ClusterDirectory
 from .backends.local import LocalBackend
@@ -57,7 +57,8 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
                  storage_servers: str = "", storage_server_selector: str = "",
                  storage_server_namespace: str = "", storage_server_port: int = 0,
                  storage_tls_dir: str = "", nbd_psk_file: str = "", nbd_psk_identity: str = "",
-                 nbd_attach: str = "auto", ceph_config: str = "", rbd_attach: str = "auto",
+                 nbd_attach: str = "auto", nbd_reconnect_delay: int = RECONNECT_DELAY,
+                 ceph_config: str = "", rbd_attach: str = "auto",
                  driver_name: str = DRIVER_NAME, types: list[str] | None = None,
                  nodes: str = "", workers: int = 16) -> grpc.Server:
     state = Path(state_dir)
@@ -71,7 +72,8 @@ def build_server(*, endpoint: str, node_id: str, state_dir: str, role: str, defa
             _server_directory(storage_servers, storage_server_selector, storage_server_namespace,
                               storage_server_port),
             storage_tls_dir or None,
-            attacher=NbdAttacher(state_dir, mode=nbd_attach) if serves_node else None,
+            attacher=(NbdAttacher(state_dir, mode=nbd_attach, reconnect_delay=nbd_reconnect_delay)
+                      if serves_node else None),
             psk_identity=nbd_psk_identity, psk_file=nbd_psk_file),
         CephBackend.types: lambda: CephBackend(
             ClusterDirectory(ceph_config, state_dir),

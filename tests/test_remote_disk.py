@@ -23,11 +23,12 @@ import grpc
 import pytest
 
 from conftest import MiB, Plugin, capability
-from driver.attach.nbd import RECONNECT_DELAY
 from driver.proto import csi_pb2
 from remote_lab import NBD_PORT, RemoteCluster
 
 pytestmark = pytest.mark.root
+# Node A's (the module plugin's) --nbd-reconnect-delay, instead of the default 50 s.
+NODE_A_RECONNECT_DELAY = 15
 # ControllerPublish accepts only node ids the controller knows: besides its own (the plugin
 # runs with --role all as "node-test"), two nodes that exist only as names.
 NODE_A, NODE_B = "node-a", "node-b"
@@ -43,7 +44,10 @@ def cluster(tmp_path_factory):
     # "nodeb": a second worker node, for a node plugin of its own (NODE_B) when a test moves
     # a volume from one node to another.
     with RemoteCluster(workdir, servers=3, extra_nodes=["nodeb"]) as running:
-        plugin = Plugin(workdir, extra_args=[*running.plugin_args, "--nodes", f"{NODE_A},{NODE_B}"],
+        # A reconnect delay well above the crash test's 5 s outage, and short enough that the
+        # fence test's cut-off node A sees its I/O fail within the test.
+        plugin = Plugin(workdir, extra_args=[*running.plugin_args, "--nodes", f"{NODE_A},{NODE_B}",
+                                             "--nbd-reconnect-delay", str(NODE_A_RECONNECT_DELAY)],
                         argv_prefix=running.node_prefix)
         plugin.start()
         running.plugin = plugin
@@ -560,11 +564,11 @@ def test_a_volume_moved_off_a_node_that_still_has_it_is_fenced(cluster):
         # Node A's client cannot reconnect (its export name is gone), so its I/O fails once its
         # reconnect delay is over; the pod's processes end, and A is cleaned up as a node that
         # comes back would be (a process blocked in I/O keeps the mount busy until then).
-        writer_a.join(timeout=RECONNECT_DELAY + 30)
+        writer_a.join(timeout=NODE_A_RECONNECT_DELAY + 30)
         assert not writer_a.is_alive(), "node A's write still hangs past its reconnect delay"
         assert isinstance(late["result"], OSError), late
         failed_after = late["ended"] - started
-        assert failed_after < RECONNECT_DELAY + 20, failed_after
+        assert failed_after < NODE_A_RECONNECT_DELAY + 20, failed_after
         started = time.monotonic()
         plugin.unpublish_and_unstage(volume.volume_id, "fence-a")
         staged.remove((plugin, volume.volume_id, "fence-a"))
@@ -577,7 +581,7 @@ def test_a_volume_moved_off_a_node_that_still_has_it_is_fenced(cluster):
         for writer in writers:
             writer.stop.set()
         if "writer_a" in locals():
-            writer_a.join(timeout=RECONNECT_DELAY + 30)  # node A's mount is busy until then
+            writer_a.join(timeout=NODE_A_RECONNECT_DELAY + 30)  # node A's mount is busy until then
         cleanup = [lambda n=node, v=volume_id, name=name: n.unpublish_and_unstage(v, name)
                    for node, volume_id, name in reversed(staged)]
         cleanup.append(node_b.stop)
