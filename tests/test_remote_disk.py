@@ -539,6 +539,14 @@ def test_a_volume_moved_off_a_node_that_still_has_it_is_fenced(cluster):
             assert not writer.errors, f"a bystander's writer saw {writer.errors}"
         # QEMU's client retries at +0 s (nbdkit is still starting) and +1 s.
         assert max(stalls) < 5, stalls
+        # Node A is told, through the volume's condition, before its I/O fails.
+        for node, volume_id, path, abnormal in ((plugin, volume.volume_id, target_a, True),
+                                                 (node_b, volume.volume_id, target_b, False)):
+            condition = node.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+                volume_id=volume_id, volume_path=path), timeout=60).volume_condition
+            assert condition.abnormal is abnormal, (node.node_id, condition.message)
+            if abnormal:
+                assert "moved to another node" in condition.message, condition.message
 
         image = disk.read_bytes()
         assert marker_b[:4096] in image

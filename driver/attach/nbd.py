@@ -63,8 +63,8 @@ from urllib.parse import quote
 
 from .. import command, fs, log, state
 from ..backends.base import Attachment, Condition
-from ..errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                      NotFound, PermissionDenied, PolyvolError, Unavailable)
+from ..errors import (CommandFailed, CommandTimedOut, DeadlineExceeded, FailedPrecondition,
+                      InvalidArgument, NotFound, PermissionDenied, PolyvolError, Unavailable)
 from . import loop, nbd_kernel
 
 _log = log.get("attach.nbd")
@@ -417,8 +417,33 @@ class NbdAttacher:
         if problem:
             return Condition(True, f"{problem}; I/O waits up to {self.reconnect_delay}s for it "
                              "to return, then fails")
+        if gone := self._export_problem(vol, recorded):
+            return Condition(True, gone)
         return Condition(False, f"attached through {recorded['method']}, storage server "
                          f"{recorded['host']}:{recorded['port']} reachable")
+
+    @staticmethod
+    def _export_problem(vol: "_Volume", recorded: dict) -> str | None:
+        """Why the server no longer serves this attachment's export, or None. A reachable server
+        without the export means the volume moved to another node (the storage server's fence
+        renamed it) or was deleted: this node's I/O can only fail. Asked with this volume's own
+        PSK, as its NBD client does. Only for the condition: a failed probe must never make a
+        detach give up on flushing."""
+        host = recorded["host"]
+        address = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        if recorded.get("tls"):
+            identity, key_file = quote(recorded["psk_identity"], safe=""), vol.psk_dir / "keys.psk"
+            uri = (f"nbds://{identity}@{address}:{recorded['port']}/{quote(recorded['export'])}"
+                   f"?tls-psk-file={quote(str(key_file))}")
+        else:
+            uri = f"nbd://{address}:{recorded['port']}/{quote(recorded['export'])}"
+        try:
+            command.run(["nbdinfo", "--size", uri], timeout=PROBE_TIMEOUT * 2)
+        except (CommandFailed, CommandTimedOut) as error:
+            return (f"storage server {host}:{recorded['port']} does not serve this volume's "
+                    f"export {recorded['export']} to this node ({error}): the volume was moved "
+                    f"to another node or deleted, so I/O here fails")
+        return None
 
     def _fail_fast_if_unhealthy(self, vol: "_Volume", recorded: dict) -> str | None:
         """Kill the helpers (`_kill_helpers`) when waiting for them would block: the server is
