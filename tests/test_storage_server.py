@@ -868,11 +868,13 @@ def test_storage_cli(server, client, keys, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        nbd_address = f"127.0.0.1:{taken.getsockname()[1]}"
         busy = polyvol("storage-server", "--name", "s9", "--data-dir", str(tmp_path / "d"),
-                       "--listen", f"127.0.0.1:{free_port()}",
-                       "--nbd-listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                       "--listen", f"127.0.0.1:{free_port()}", "--nbd-listen", nbd_address,
                        "--tls-dir", str(keys / "tls"), "--nbd-psk-file", str(psk))
-    assert busy.returncode != 0 and "nbdkit did not start" in busy.stderr, busy.stderr[-2000:]
+    assert busy.returncode != 0, busy.stderr[-2000:]
+    assert f"cannot listen for NBD on {nbd_address}: Address already in use" in busy.stderr, \
+        busy.stderr[-2000:]
     assert not nbdkit_pids(tmp_path)
 
 

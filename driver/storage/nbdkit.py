@@ -43,6 +43,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -77,16 +78,23 @@ class Nbdkit:
         self._ever_ready = False
         self._stderr_tail = collections.deque(maxlen=20)
         self._restart_reason: str | None = None  # set while a requested restart is under way
+        self._listener: socket.socket | None = None
         self._thread = threading.Thread(target=self._supervise, name="nbdkit-supervisor", daemon=True)
 
     def argv(self) -> list[str]:
         tls = ["--tls=require", f"--tls-psk={self.psk_file}"] if self.psk_file else ["--tls=off"]
-        return ["nbdkit", "--foreground", "--pidfile", str(self.pidfile),
-                "-i", self.host, "-p", str(self.port), *tls, "file", f"dir={self.exports_dir}"]
+        # No -i/-p: nbdkit gets the server's listening socket (see driver.storage.watchdog).
+        return ["nbdkit", "--foreground", "--pidfile", str(self.pidfile), *tls,
+                "file", f"dir={self.exports_dir}"]
 
     def start(self) -> None:
         """Start supervising; return once nbdkit is ready, or raise if its first run fails."""
         self._stop_stale()
+        try:
+            self._listener = _listen(self.host, self.port)
+        except OSError as error:
+            raise FailedPrecondition(f"cannot listen for NBD on {self.host}:{self.port}: "
+                                     f"{error.strerror or error}") from None
         self._thread.start()
         self._first_outcome.wait(READY_TIMEOUT)
         if not self._ever_ready:
@@ -129,6 +137,8 @@ class Nbdkit:
                 process.wait(STOP_TIMEOUT)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(STOP_TIMEOUT)
+        if self._listener is not None:
+            self._listener.close()
 
     def ready_for(self) -> float | None:
         """Seconds since the running nbdkit became ready; None while none is ready."""
@@ -219,7 +229,7 @@ class Nbdkit:
                     return
                 self.pidfile.unlink(missing_ok=True)
                 self._stderr_tail.clear()
-                process, watchdog_pipe = _start_under_watchdog(self.argv())
+                process, watchdog_pipe = _start_under_watchdog(self.argv(), self._listener.fileno())
                 self._process, self._nbdkit_pid = process, None
             started = time.monotonic()
             drain = threading.Thread(target=self._drain, args=(process,), name="nbdkit-stderr",
@@ -324,14 +334,32 @@ def add_psk_identity(path: Path, identity: str) -> None:
 
 
 
-def _start_under_watchdog(argv: list[str]) -> tuple[subprocess.Popen, int]:
-    """Start nbdkit as the child of a watchdog that SIGKILLs it when this process dies; return
-    the watchdog and the pipe end to keep open until the watchdog has exited."""
+def _listen(host: str, port: int) -> socket.socket:
+    """The NBD listening socket, owned by the server for its whole life (nbdkit restarts
+    without closing it: see driver.storage.watchdog)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _start_under_watchdog(argv: list[str], listen_fd: int) -> tuple[subprocess.Popen, int]:
+    """Start nbdkit as the child of a watchdog that SIGKILLs it when this process dies, serving
+    on the listening socket `listen_fd`; return the watchdog and the pipe end to keep open
+    until the watchdog has exited."""
     read_end, write_end = os.pipe()  # not inheritable: no other child holds the write end
     try:
         # In its own session: a Ctrl-C or a signal to the server's process group reaches
         # the server, which then stops nbdkit itself, in order.
-        watchdog = subprocess.Popen([sys.executable, "-m", "driver.storage.watchdog", *argv],
+        watchdog = subprocess.Popen([sys.executable, "-m", "driver.storage.watchdog",
+                                     str(listen_fd), *argv], pass_fds=(listen_fd,),
                                     stdin=read_end, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True, errors="replace",
                                     start_new_session=True)

@@ -1,8 +1,9 @@
 """Run nbdkit as the child of a small process that kills it by SIGKILL when the storage
 server dies, however the server dies.
 
-    python -m driver.storage.watchdog nbdkit ARGS...
+    python -m driver.storage.watchdog LISTEN_FD nbdkit ARGS...
         stdin: the read end of a pipe whose write end only the server holds
+        LISTEN_FD: the server's listening socket, handed to nbdkit by socket activation
 
 nbdkit sets its own parent-death signal to SIGTERM (seen with strace, also in the
 foreground), and on SIGTERM it shuts down gracefully: requests that arrive before it exits
@@ -11,6 +12,11 @@ not be the server: it is this process, which outlives the server until nbdkit is
 of file on stdin (the server exited, also by SIGKILL) or SIGTERM (the server stops it)
 make it send SIGKILL; a node's NBD client then reconnects and resends without an error.
 The exit status is nbdkit's, as a shell would report it.
+
+The listening socket is the server's, not nbdkit's (systemd's socket-activation protocol:
+the socket as fd 3, LISTEN_FDS=1, LISTEN_PID=nbdkit's pid), so it stays open while nbdkit is
+restarted: a client that reconnects meanwhile waits in the backlog and is served by the
+next nbdkit, instead of being refused and retrying a second later.
 """
 
 import os
@@ -19,9 +25,23 @@ import subprocess
 import sys
 import threading
 
+SD_LISTEN_FDS_START = 3
+
+
+def _activation_env() -> None:
+    """In the child, before exec (this process is single-threaded then): LISTEN_PID must be
+    nbdkit's own pid, which only the child knows."""
+    os.environ["LISTEN_PID"] = str(os.getpid())
+
 
 def main() -> int:
-    nbdkit = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+    listen_fd, argv = int(sys.argv[1]), sys.argv[2:]
+    if listen_fd != SD_LISTEN_FDS_START:
+        os.dup2(listen_fd, SD_LISTEN_FDS_START)
+        os.close(listen_fd)
+    os.environ["LISTEN_FDS"] = "1"
+    nbdkit = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(SD_LISTEN_FDS_START,),
+                              preexec_fn=_activation_env)
 
     def kill_nbdkit(*_):
         try:
