@@ -31,6 +31,8 @@ from .errors import CommandFailed, CommandTimedOut
 
 _log = log.get("command")
 DEFAULT_TIMEOUT = 120.0
+AFTER_EXIT_WAIT = 1.0  # how long output is still read after the tool exited (see _communicate)
+REAP_WAIT = 5.0  # how long a killed tool may take to exit before it is reaped in the background
 _COMMAND, _KERNEL = 0, 1
 _spent = contextvars.ContextVar("external_seconds", default=None)
 
@@ -87,25 +89,38 @@ def _run(argv: list[str], input: str | None, timeout: float) -> tuple[int, str, 
     except FileNotFoundError:  # moved or removed since it was looked up: look again
         _found.pop((argv[0], os.environ.get("PATH")), None)
         proc = start()
-    with proc:  # on any way out: pipes closed, the child reaped
+    try:
         try:
             pidfd = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):  # Linux < 5.3: subprocess's own loop
-            try:
-                out, err = proc.communicate(None if input is None else input.encode(), timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
+            out, err = proc.communicate(None if input is None else input.encode(), timeout)
             return proc.returncode, _text(out), _text(err)
         try:
             out, err = _communicate(proc, pidfd, None if input is None else input.encode(),
                                     time.monotonic() + timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
         finally:
             os.close(pidfd)
         return proc.wait(), _text(out), _text(err)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Collect the child's exit without ever blocking the caller for long: a tool killed in
+    uninterruptible sleep (I/O on a dead device) exits only when the kernel lets it, and the
+    RPC that ran it must not hold its volume until then."""
+    try:
+        proc.wait(REAP_WAIT)
+    except subprocess.TimeoutExpired:
+        _log.warning("command did not exit after it was killed; reaping it in the background",
+                     argv=proc.args, pid=proc.pid)
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
 
 
 _found: dict[tuple[str, str | None], str] = {}
@@ -144,11 +159,14 @@ def _communicate(proc: subprocess.Popen, pidfd: int, data: bytes | None,
     while waiting:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            if pidfd not in waiting:
+                break  # it exited; a process it left behind holds the pipes: keep what was read
             raise subprocess.TimeoutExpired(proc.args, 0)
         for fd, _ in poller.poll(remaining * 1000 + 1):
             if fd == pidfd:
                 poller.unregister(fd)
                 waiting.discard(fd)
+                deadline = min(deadline, time.monotonic() + AFTER_EXIT_WAIT)
             elif fd == stdin:
                 try:
                     view = view[os.write(fd, view[:512]):]

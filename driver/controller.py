@@ -137,9 +137,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         check_capability(request.volume_capability)
         backend = self.registry.for_id(request.volume_id)
         readonly = request.readonly or is_readonly_mode(request.volume_capability)
+        self.nodes.check(request.node_id)  # outside the lock: it may ask the Kubernetes API
         with self.locks.hold(request.volume_id, "ControllerPublishVolume"):
-            backend.get_volume(request.volume_id)  # NOT_FOUND first, as the spec orders it
-            self.nodes.check(request.node_id)
             publish_context = backend.publish(request.volume_id, request.node_id, readonly)
         return csi_pb2.ControllerPublishVolumeResponse(
             publish_context={**publish_context, CTX_READONLY: "true" if readonly else "false"})

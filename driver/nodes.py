@@ -16,6 +16,7 @@ from .errors import NotFound, Unavailable
 
 _log = log.get("nodes")
 REMEMBER_SECONDS = 60.0
+API_TIMEOUT = (3, 10)  # seconds to connect, to read
 KUBERNETES = "kubernetes"
 
 
@@ -49,16 +50,22 @@ class KubernetesNodes:
             if time.monotonic() - self._seen.get(node_id, float("-inf")) < REMEMBER_SECONDS:
                 return
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             # polyvol's node id is the Kubernetes node name (the DaemonSet passes spec.nodeName).
-            csinode = self._storage_api().read_csi_node(node_id)
+            # Bounded: the client waits forever by default, and a publish waiting on a stalled
+            # API server would keep its volume answering ABORTED.
+            csinode = self._storage_api().read_csi_node(node_id, _request_timeout=API_TIMEOUT)
         except ApiException as error:
             if error.status == 404:
                 raise NotFound(f"node {node_id} has no CSINode object: no polyvol node plugin "
                                f"registered there") from None
             raise Unavailable(f"cannot read CSINode {node_id} from the Kubernetes API: "
                               f"{error.status} {error.reason}") from None
+        except (HTTPError, OSError) as error:
+            raise Unavailable(f"cannot reach the Kubernetes API to read CSINode {node_id}: "
+                              f"{error}") from None
         registered = {d.name: d.node_id for d in (csinode.spec.drivers or [])}
         if registered.get(self.driver_name) != node_id:
             raise NotFound(f"node {node_id} has no {self.driver_name} node plugin registered "

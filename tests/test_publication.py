@@ -51,10 +51,15 @@ class FakeStorageApi:
     def __init__(self, csinodes: dict, status: int = 404):
         self.csinodes, self.status, self.reads = csinodes, status, 0
 
-    def read_csi_node(self, name):
+    def read_csi_node(self, name, _request_timeout=None):
         from kubernetes.client.exceptions import ApiException
 
+        assert _request_timeout, "an unbounded API call can hang a publish"
         self.reads += 1
+        if self.status == "unreachable":
+            import urllib3
+
+            raise urllib3.exceptions.MaxRetryError(None, "/apis/storage.k8s.io", "refused")
         if name not in self.csinodes:
             raise ApiException(status=self.status, reason="Not Found" if self.status == 404 else "Boom")
         drivers = [SimpleNamespace(name=d, node_id=i) for d, i in self.csinodes[name].items()]
@@ -76,6 +81,9 @@ def test_kubernetes_nodes_read_csinode_and_remember_a_found_node():
 def test_kubernetes_nodes_api_errors_are_unavailable_not_not_found():
     nodes = KubernetesNodes("polyvol.csi.io", storage_api=FakeStorageApi({}, status=500))
     with pytest.raises(Unavailable, match="500"):
+        nodes.check("n1")
+    nodes = KubernetesNodes("polyvol.csi.io", storage_api=FakeStorageApi({}, status="unreachable"))
+    with pytest.raises(Unavailable, match="cannot reach the Kubernetes API"):
         nodes.check("n1")
 
 

@@ -915,3 +915,86 @@ def test_metrics_count_volumes_space_rpcs_and_the_data_plane(keys):
         missing = 'polyvol_rpc_total{code="NOT_FOUND",driver="storage-server",method="GetVolume"}'
         assert samples[ok] == 2 and samples[missing] == 1
         assert samples['polyvol_rpc_seconds_count{driver="storage-server",method="CreateVolume"}'] == 2
+
+
+def test_a_node_probe_tells_a_stalled_data_plane_from_a_serving_one(server):
+    """The server keeps its NBD listening socket while nbdkit is down or stuck (so reconnects
+    queue instead of failing), which makes a bare TCP connect succeed; the node's probe waits
+    for the NBD greeting instead, and leaves nothing in nbdkit's log when it is fine."""
+    from driver.attach import nbd
+
+    seen = len(server.log_lines())  # the server is shared with earlier tests
+    assert nbd.probe_nbd("127.0.0.1", server.nbd_port) is None
+    time.sleep(0.5)  # nbdkit's complaints reach the server's log through a pipe
+    assert not [line for line in server.log_lines()[seen:] if line.get("event") == "nbdkit says"]
+    [pid] = nbdkit_pids(server.workdir)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert nbd.probe("127.0.0.1", server.nbd_port) is None  # the kernel accepts for it
+        assert "does not answer" in nbd.probe_nbd("127.0.0.1", server.nbd_port, timeout=0.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert nbd.probe_nbd("127.0.0.1", server.nbd_port) is None
+
+
+class FlakyDataPlane:
+    """Stands in for nbdkit.Nbdkit in an in-process StorageServicer: nothing is served, and
+    the first attempt to cut connections fails, as a restart that went wrong would."""
+
+    psk_file = None
+
+    def __init__(self):
+        self.cuts = []
+
+    def restart_if_open(self, file_id, reason):
+        self.cuts.append(reason)
+        if len(self.cuts) == 1:
+            raise errors.Unavailable("the NBD data plane did not come back in time")
+        return None
+
+    def ready_for(self):
+        return 3600.0
+
+    def open_files(self):
+        return set()
+
+
+class AbortedCall(Exception):
+    pass
+
+
+class CallContext:
+    def abort(self, code, message):
+        raise AbortedCall(code, message)
+
+
+def test_a_fence_that_failed_is_done_by_the_retry(tmp_path):
+    """The links changed but the cut of the old node's connections failed: the publish fails,
+    and its retry cuts them, although it finds no old export name left to remove."""
+    from driver.filestore import FileStore
+    from driver.storage import server as storage_server
+    from driver.storage import snapshot_id_pattern, volume_id_pattern
+
+    store = FileStore(tmp_path / "data", volume_id_pattern("s1"), snapshot_id_pattern("s1"), 0, "s1")
+    exports = tmp_path / "data" / "exports"
+    exports.mkdir()
+    plane = FlakyDataPlane()
+    servicer = storage_server.StorageServicer("s1", store, exports, plane, labels={},
+                                              nbd_address="127.0.0.1:1", reflink=False,
+                                              reconnect_grace=0)
+    volume = vid(90)
+    servicer.CreateVolume(storage_pb2.CreateVolumeRequest(
+        volume_id=volume, name="flaky", size_bytes=4 * MiB), CallContext())
+    publish = storage_pb2.PublishVolumeRequest
+    servicer.PublishVolume(publish(volume_id=volume, node_id="node-a"), CallContext())
+    servicer.UnpublishVolume(storage_pb2.UnpublishVolumeRequest(volume_id=volume, node_id="node-a"),
+                             CallContext())
+    with pytest.raises(AbortedCall):
+        servicer.PublishVolume(publish(volume_id=volume, node_id="node-b"), CallContext())
+    moved = store.read_volume(volume)
+    assert moved["fence_pending"] and sorted(os.listdir(exports)) == [moved["export"]]
+    stored = servicer.PublishVolume(publish(volume_id=volume, node_id="node-b"), CallContext())
+    assert len(plane.cuts) == 2 and stored.export_name == moved["export"]
+    assert "fence_pending" not in store.read_volume(volume)
+    servicer.PublishVolume(publish(volume_id=volume, node_id="node-b"), CallContext())
+    assert len(plane.cuts) == 2  # nothing left to cut

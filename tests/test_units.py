@@ -537,6 +537,16 @@ def test_command_timeout_kills_the_tool():
     assert time.monotonic() - started < 5
 
 
+def test_a_tool_that_leaves_a_process_holding_its_output_still_returns():
+    """The tool exits, but a child it started in the background keeps stdout open: its output
+    and exit code are returned about a second later, not after the command's timeout."""
+    started = time.monotonic()
+    done = command.run(["sh", "-c", "(sleep 29.25 &); echo done"], timeout=20)
+    assert done.stdout == "done\n" and done.returncode == 0
+    assert time.monotonic() - started < 5
+    subprocess.run(["pkill", "-f", "^sleep 29.25$"], check=False)
+
+
 def test_accounting_keeps_command_and_kernel_time_apart():
     with command.accounting() as spent:
         command.run(["sleep", "0.05"])

@@ -53,6 +53,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -406,7 +407,7 @@ class NbdAttacher:
         """Why the volume's data cannot be reached from here (a phrase), or None."""
         if not recorded.get("host"):
             return None
-        problem = probe(recorded["host"], recorded["port"], timeout)
+        problem = probe_nbd(recorded["host"], recorded["port"], timeout)
         if problem:
             return f"storage server {recorded['host']}:{recorded['port']} is unreachable ({problem})"
         return None
@@ -439,7 +440,10 @@ class NbdAttacher:
             uri = f"nbd://{address}:{recorded['port']}/{quote(recorded['export'])}"
         try:
             command.run(["nbdinfo", "--size", uri], timeout=PROBE_TIMEOUT * 2)
-        except (CommandFailed, CommandTimedOut) as error:
+        except CommandTimedOut:
+            return (f"storage server {host}:{recorded['port']} does not answer NBD requests "
+                    f"in time; I/O may stall")
+        except CommandFailed as error:
             return (f"storage server {host}:{recorded['port']} does not serve this volume's "
                     f"export {recorded['export']} to this node ({error}): the volume was moved "
                     f"to another node or deleted, so I/O here fails")
@@ -802,6 +806,36 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return None
+    except OSError as error:
+        return error.strerror or type(error).__name__
+
+
+_NBD_GREETING = b"NBDMAGIC" + b"IHAVEOPT"
+# The client's answer to the greeting (fixed newstyle, no zeroes), then NBD_OPT_ABORT: a
+# clean goodbye the server must accept even before TLS, so a probe leaves no error in its log.
+_NBD_GOODBYE = struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 2, 0)
+
+
+def probe_nbd(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when an NBD server at `host:port` greets within `timeout`, else why not. A TCP
+    connection alone proves little: the storage server keeps its listening socket while its
+    nbdkit is down, and the kernel completes handshakes into the backlog meanwhile."""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            greeting = b""
+            while len(greeting) < len(_NBD_GREETING) + 2:
+                chunk = sock.recv(len(_NBD_GREETING) + 2 - len(greeting))
+                if not chunk:
+                    break
+                greeting += chunk
+            if not greeting.startswith(_NBD_GREETING):
+                return "it accepts connections but its NBD server does not answer"
+            with contextlib.suppress(OSError):
+                sock.sendall(_NBD_GOODBYE)
+                sock.recv(64)
+            return None
+    except socket.timeout:
+        return "it accepts connections but its NBD server does not answer"
     except OSError as error:
         return error.strerror or type(error).__name__
 

@@ -128,15 +128,15 @@ class RemoteDiskBackend(Backend):
             return client
 
     def _known_client(self, server: str):
-        """The client of a server that must exist: for deletes, an unknown server is not
-        "already gone". One that is down or not ready yet is missing from discovery too, and
-        forgetting its volume would leave the file behind for good."""
+        """The client of a server that a volume id names, so one that must exist: a server that
+        is down or not ready yet is missing from discovery too, and that is not "no such
+        volume" (a delete would forget the file for good, a publish would fail for good)."""
         try:
             return self._client(server)
         except NotFound:
             raise Unavailable(f"storage server {server} is not known right now (down, not ready, "
-                              f"or removed from {self.directory.path}); the delete is retried. "
-                              f"For a server removed for good, remove the PV by hand") from None
+                              f"or removed from {self.directory.path}); retry. For a server "
+                              f"removed for good, remove its PVs by hand") from None
 
     def _reachable(self) -> dict[str, tuple[object, object]]:
         """name -> (client, info) for every configured server that answers now."""
@@ -239,7 +239,7 @@ class RemoteDiskBackend(Backend):
 
     def publish(self, volume_id: str, node_id: str, readonly: bool) -> dict:
         server = self._parse_volume_id(volume_id)["server"]
-        client = self._client(server)
+        client = self._known_client(server)
         stored = client.publish_volume(volume_id, node_id, readonly)
         # Asked now, not copied from the volume_context: the address recorded at create is
         # stale once the server has moved (a rescheduled pod gets a new IP).

@@ -226,6 +226,9 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
                 record["last_node"] = request.node_id
                 if previous is not None and previous != request.node_id:
                     record["export"] = f"{volume_id}.{secrets.token_hex(4)}"
+                    # Until the old node's connections are known to be cut: a call that fails
+                    # after the links changed leaves the cut to its retry.
+                    record["fence_pending"] = True
                 # The record first (see the module docstring): a crash before the links follow
                 # leaves them for reconcile_exports to put right.
                 self.store.update_volume(record)
@@ -233,9 +236,11 @@ class StorageServicer(storage_pb2_grpc.StorageServerServicer):
                           readonly=request.readonly, export=_export_name(record))
             # Also on a retry: an earlier call may have failed between the record and here.
             removed = self._export(record, only=True)
-            if removed:
+            if removed or record.get("fence_pending"):
                 self._fence(record, removed,
                             previous if previous != request.node_id else None)
+            if record.pop("fence_pending", False):
+                self.store.update_volume(record)
         return self._stored(record, self._open_now())
 
     @method

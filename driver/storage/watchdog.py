@@ -40,16 +40,24 @@ def main() -> int:
         os.dup2(listen_fd, SD_LISTEN_FDS_START)
         os.close(listen_fd)
     os.environ["LISTEN_FDS"] = "1"
-    nbdkit = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(SD_LISTEN_FDS_START,),
-                              preexec_fn=_activation_env)
+    nbdkit = None
+    stop_asked = threading.Event()
 
     def kill_nbdkit(*_):
-        try:
-            nbdkit.send_signal(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_asked.set()
+        if nbdkit is not None:
+            try:
+                nbdkit.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
+    # Before nbdkit exists: a SIGTERM from the server's stop must never end this process by
+    # the default action, which would leave nbdkit to its own parent-death SIGTERM.
     signal.signal(signal.SIGTERM, kill_nbdkit)
+    nbdkit = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(SD_LISTEN_FDS_START,),
+                              preexec_fn=_activation_env)
+    if stop_asked.is_set():
+        kill_nbdkit()
 
     def await_server_exit():
         while os.read(0, 4096):
