@@ -48,7 +48,7 @@ FROM ${DEBIAN_IMAGE}
 #   util-linux           blkid, fsfreeze, nsenter
 #   mount                mount, umount, losetup
 #   nbdkit               the storage server's NBD data plane (file plugin, TLS-PSK)
-#   libnbd-bin           nbdfuse (user-space NBD attach)
+#   libnbd-bin           nbdfuse (user-space NBD attach), nbdinfo (the volume condition's export check)
 #   fuse3                fusermount3, /dev/fuse helpers
 #   nbd-client           kernel NBD attach, when the node has the nbd module
 #   qemu-system-common   qemu-storage-daemon (the TLS-PSK NBD client that reconnects)

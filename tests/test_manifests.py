@@ -1626,7 +1626,8 @@ PROGRAM_PACKAGES = {
     "dumpe2fs": "e2fsprogs", "e2fsck": "e2fsprogs", "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
     "mount": "mount", "umount": "mount", "losetup": "mount",
-    "fusermount3": "fuse3", "nbdfuse": "libnbd-bin", "nbdkit": "nbdkit", "nbd-client": "nbd-client",
+    "fusermount3": "fuse3", "nbdfuse": "libnbd-bin", "nbdinfo": "libnbd-bin",
+    "nbdkit": "nbdkit", "nbd-client": "nbd-client",
     "qemu-storage-daemon": "qemu-system-common", "qemu-nbd": "qemu-utils",
     "rbd": "ceph-common", "ceph": "ceph-common", "rbd-nbd": "rbd-nbd", "rbd-fuse": "rbd-fuse",
 }
