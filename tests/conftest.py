@@ -126,6 +126,24 @@ def capability(block: bool = False, fs_type: str = "", readonly: bool = False):
                                     access_mode=mode)
 
 
+def attach_helper_pids(marker: str) -> list[int]:
+    """Live qemu-storage-daemon / nbdfuse processes whose command line contains `marker` (a
+    state directory: the attach helpers name their volume's directory in their arguments)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            status = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if status != "Z" and ("qemu-storage-daemon" in argv or "nbdfuse" in argv) \
+                and marker in argv:
+            pids.append(int(entry))
+    return pids
+
+
 def clean_up_below(directory: Path) -> None:
     """Detach loop devices backed by files below `directory`, then unmount everything below it
     (deepest first). Loops go first: a loop over an nbdfuse file loses its backing path once

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_up_below
+from conftest import attach_helper_pids, clean_up_below
 from netlab import NetLab
 from test_local_helpers import fio_verify, loops_under, mounts_under
 
@@ -113,20 +113,7 @@ class Env:
 
     def helper_pids(self, volume: str = "") -> list[int]:
         """qemu-storage-daemon / nbdfuse processes whose command line names our state dir."""
-        marker = str(self.volume_dir(volume)) if volume else str(self.state)
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-                status = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if status != "Z" and ("qemu-storage-daemon" in argv or "nbdfuse" in argv) \
-                    and marker in argv:
-                pids.append(int(entry))
-        return pids
+        return attach_helper_pids(str(self.volume_dir(volume)) if volume else str(self.state))
 
     def assert_nothing_left(self, volume: str = "") -> None:
         assert self.helper_pids(volume) == []

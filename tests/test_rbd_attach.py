@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ceph_cluster import ceph_cluster  # noqa: F401 - the session fixture
-from conftest import clean_up_below
+from conftest import attach_helper_pids, clean_up_below
 from test_local_helpers import fio_verify, loops_under, mounts_under
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -93,20 +93,7 @@ class Env:
 
     def helper_pids(self, volume: str = "", node: str = "") -> list[int]:
         """qemu-storage-daemon / nbdfuse processes whose command line names our state."""
-        marker = str(self.volume_dir(volume, node)) if volume else str(self.workdir)
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-                status = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if status != "Z" and ("qemu-storage-daemon" in argv or "nbdfuse" in argv) \
-                    and marker in argv:
-                pids.append(int(entry))
-        return pids
+        return attach_helper_pids(str(self.volume_dir(volume, node)) if volume else str(self.workdir))
 
     def attached(self, node: str) -> list[str]:
         return self.rbd("list", node=node) if self.state(node).exists() else []
