@@ -76,13 +76,7 @@ class Plugin:
         self.start()
 
     def log_lines(self) -> list[dict]:
-        lines = []
-        for raw in self.log_path.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                pass
-        return lines
+        return json_lines(self.log_path)
 
     # --- CSI helpers used by many tests ---
     def path(self, *parts: str) -> str:
@@ -124,6 +118,27 @@ def capability(block: bool = False, fs_type: str = "", readonly: bool = False):
         return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=mode)
     return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
                                     access_mode=mode)
+
+
+def json_lines(path: Path) -> list[dict]:
+    """The JSON log lines of a polyvol process's log file (other lines skipped; [] when the
+    file does not exist yet)."""
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            pass
+    return lines
+
+
+def timed(fn, *args, **kwargs):
+    """fn(*args, **kwargs) and the seconds it took."""
+    started = time.monotonic()
+    result = fn(*args, **kwargs)
+    return result, time.monotonic() - started
 
 
 def attach_helper_pids(marker: str) -> list[int]:

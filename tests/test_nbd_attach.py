@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import attach_helper_pids, clean_up_below
+from conftest import attach_helper_pids, clean_up_below, timed
 from netlab import NetLab
 from test_local_helpers import fio_verify, loops_under, mounts_under
 
@@ -179,12 +179,6 @@ def lab_env(env):
     for target in sorted(mounts_under(env.mnt), reverse=True):
         subprocess.run(["umount", "-l", target], check=False, timeout=60)
     env.assert_nothing_left()
-
-
-def timed(fn, *args, **kwargs):
-    started = time.monotonic()
-    result = fn(*args, **kwargs)
-    return result, time.monotonic() - started
 
 
 # --- 1. data integrity: fio crc32c verify at iodepth 32, on the block device and on ext4 ---

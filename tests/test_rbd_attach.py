@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ceph_cluster import ceph_cluster  # noqa: F401 - the session fixture
-from conftest import attach_helper_pids, clean_up_below
+from conftest import attach_helper_pids, clean_up_below, timed
 from test_local_helpers import fio_verify, loops_under, mounts_under
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -170,12 +170,6 @@ def rbd_env(env):
     for target in sorted(mounts_under(env.mnt), reverse=True):
         subprocess.run(["umount", "-l", target], check=False, timeout=60)
     env.assert_nothing_left()
-
-
-def timed(fn, *args, **kwargs):
-    started = time.monotonic()
-    result = fn(*args, **kwargs)
-    return result, time.monotonic() - started
 
 
 # --- 1. data integrity: fio crc32c verify at iodepth 32 on both classes, block and ext4 ---

@@ -9,7 +9,6 @@ publish_context that follows a server whose NBD address changed, and the fence: 
 moved off a node that is still connected (lost to Kubernetes, not dead) is out of its reach.
 """
 
-import json
 import os
 import re
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import MiB, Plugin, capability
+from conftest import MiB, Plugin, capability, json_lines
 from driver.proto import csi_pb2
 from remote_lab import NBD_PORT, RemoteCluster
 
@@ -613,10 +612,4 @@ def reached(data: bytes, image: bytes) -> bool:
 
 
 def cluster_log(cluster, server) -> list[dict]:
-    lines = []
-    for raw in cluster.log_path(server).read_text().splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            pass
-    return lines
+    return json_lines(cluster.log_path(server))

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import json_lines
 from driver import errors
 from driver.proto import storage_pb2, storage_pb2_grpc
 from driver.storage import snapshot_id, volume_id
@@ -116,15 +117,7 @@ class StorageServer:
         self.process = None
 
     def log_lines(self) -> list[dict]:
-        if not self.log_path.exists():
-            return []
-        lines = []
-        for raw in self.log_path.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                pass
-        return lines
+        return json_lines(self.log_path)
 
     def client(self, tls_dir: Path | None = None) -> StorageClient:
         return StorageClient(self.address, str(tls_dir or self.tls_dir), timeout=10)
